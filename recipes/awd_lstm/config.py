@@ -1,0 +1,52 @@
+"""The AWD-LSTM recipe's config: every hyperparameter of the paper's command line, typed and bounded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
+
+
+class AWDModelConfig(Section):
+    emsize: int = Field(400, ge=1)
+    nhid: int = Field(1150, ge=1)
+    nlayers: int = Field(3, ge=1)
+    dropout: float = Field(0.4, ge=0.0, lt=1.0, description="locked dropout on the last layer's output")
+    dropouth: float = Field(0.25, ge=0.0, lt=1.0, description="locked dropout between LSTM layers")
+    dropouti: float = Field(0.4, ge=0.0, lt=1.0, description="locked dropout on the embedding output")
+    dropoute: float = Field(0.1, ge=0.0, lt=1.0, description="embedding (whole-word) dropout")
+    wdrop: float = Field(0.5, ge=0.0, lt=1.0, description="DropConnect on hidden-to-hidden weights")
+    alpha: float = Field(2.0, ge=0.0, description="activation regularization weight")
+    beta: float = Field(1.0, ge=0.0, description="temporal activation regularization weight")
+    tie_weights: bool = True
+
+
+class AWDDataConfig(DataConfig):
+    dataset: Literal["ptb", "wikitext-2"] = "ptb"
+    batch_size: int = Field(20, ge=1)
+    bptt: int = Field(70, ge=5)
+    eval_batch_size: int = Field(10, ge=1)
+    test_batch_size: int = Field(1, ge=1)
+    verify: bool = Field(True, description="check the files' md5 sums")
+    download: bool = Field(True, description="fetch missing files from the canonical source")
+
+
+class AWDOptimConfig(OptimConfig):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(30.0, gt=0)
+    clip: float = Field(0.25, ge=0)
+    wdecay: float = Field(1.2e-6, ge=0)
+
+
+class AWDTrainConfig(TrainConfig):
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+
+
+class AWDConfig(RecipeConfig):
+    seed: int = 141
+    train: AWDTrainConfig
+    data: AWDDataConfig
+    model: AWDModelConfig
+    optim: AWDOptimConfig

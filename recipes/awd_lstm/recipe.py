@@ -1,0 +1,137 @@
+"""AWD-LSTM language modelling on the shared engine (Merity et al. 2017).
+
+Data parallelism splits the global batch's columns: each rank owns a contiguous block of
+the batchified stream, all ranks draw the same BPTT lengths, and each carries the hidden state
+of its own columns across steps (one per micro-batch when accumulating).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from trainer.datasets import ensure_dataset
+from trainer.recipe import MicroResult, Recipe, TrainStep
+
+from .config import AWDConfig
+from .corpus import PTB, WIKITEXT2, BpttSampler, Corpus, batchify, eval_columns, get_batch, rank_columns
+from .model import AWDLSTM
+
+DATASETS = {"ptb": PTB, "wikitext-2": WIKITEXT2}
+
+
+class AWDLSTMRecipe(Recipe):
+    config_model = AWDConfig
+    unit = "tokens"
+    default_precision = "fp32"  # the paper's numbers are fp32; SGD at lr 30 is not bf16-safe
+
+    cfg: AWDConfig
+
+    def setup(self) -> None:
+        d = self.cfg.data
+        path = ensure_dataset(d.root, DATASETS[d.dataset], verify=d.verify, download=d.download)
+        self.corpus = Corpus.from_dir(path)
+        self.sampler = BpttSampler(d.bptt, self.cfg.seed)
+        self.hidden: list | None = None  # per micro-batch hidden state, carried across steps
+        self._eval_cache: dict[str, torch.Tensor] = {}
+        if self.plan is not None:
+            stream = batchify(self.corpus.train, self.plan.global_batch)
+            self.train_data = rank_columns(stream, self.ctx.rank, self.ctx.world).to(self.ctx.device)
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return AWDLSTM(len(self.corpus.dictionary), m.emsize, m.nhid, m.nlayers, m.dropout, m.dropouth,
+                       m.dropouti, m.dropoute, m.wdrop, m.tie_weights)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.wdecay)
+        return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.wdecay)
+
+    def steps_per_epoch(self) -> int:
+        bptt = self.cfg.data.bptt
+        mean_len = 0.95 * bptt + 0.05 * bptt / 2
+        return max(1, math.ceil((self.train_data.size(0) - 2) / mean_len))
+
+    def train_steps(self, epoch: int, position: int | None) -> Iterator[TrainStep]:
+        data, bptt, plan = self.train_data, self.cfg.data.bptt, self.plan
+        if position is None:
+            self.hidden = None  # the paper starts every epoch from a zero state
+        i = position or 0
+        while i < data.size(0) - 2:
+            seq_len = self.sampler.next_len(data.size(0) - 1 - i)
+            inputs, targets = get_batch(data, i, seq_len)
+            i += seq_len
+            micro = [
+                (k, inputs[:, k * plan.micro:(k + 1) * plan.micro], targets[:, k * plan.micro:(k + 1) * plan.micro])
+                for k in range(plan.accumulation)
+            ]
+            yield TrainStep(micro, units=seq_len * plan.per_rank, position=i, lr_scale=seq_len / bptt)
+
+    def micro_loss(self, engine, micro) -> MicroResult:
+        k, inputs, targets = micro
+        model: AWDLSTM = engine.module
+        if self.hidden is None:
+            self.hidden = [model.init_hidden(self.plan.micro) for _ in range(self.plan.accumulation)]
+        out = engine(inputs, self.hidden[k])
+        self.hidden[k] = AWDLSTM.detach_hidden(out.hidden)
+        loss, ce = model.loss(out, targets, self.cfg.model.alpha, self.cfg.model.beta)
+        return MicroResult(loss, {"loss": ce})
+
+    def _eval_stream(self, split: str) -> torch.Tensor:
+        """This rank's columns of the split, batchified at the paper's evaluation batch size."""
+        if split not in self._eval_cache:
+            bsz = self.cfg.data.eval_batch_size if split == "valid" else self.cfg.data.test_batch_size
+            cols = eval_columns(bsz, self.ctx.rank, self.ctx.world)
+            stream = batchify(getattr(self.corpus, split), bsz)
+            self._eval_cache[split] = stream[:, cols.start:cols.stop].to(self.ctx.device)
+        return self._eval_cache[split]
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        src = self._eval_stream(split)
+        nll = torch.zeros((), dtype=torch.float64, device=src.device)
+        if src.size(1) == 0:
+            return {"nll": 0.0, "tokens": 0.0}
+        bptt = self.cfg.data.bptt
+        hidden = model.init_hidden(src.size(1))
+        for i in range(0, src.size(0) - 1, bptt):
+            inputs, targets = get_batch(src, i, bptt)
+            out = model(inputs, hidden)
+            hidden = out.hidden
+            nll += model.token_nll_sum(out, targets)
+        tokens = (src.size(0) - 1) * src.size(1)
+        return {"nll": nll.item(), "tokens": float(tokens)}
+
+    def finalize_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        loss = sums["nll"] / sums["tokens"]
+        return {"loss": loss, "ppl": math.exp(loss)}
+
+    def train_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        return {**means, "ppl": math.exp(min(means["loss"], 700.0))}
+
+    def state_dict(self) -> dict:
+        return {"bptt_sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bptt_sampler" in state:
+            self.sampler.load_state_dict(state["bptt_sampler"])
+
+    def rank_state_dict(self) -> dict:
+        hidden = None if self.hidden is None else [[(h.cpu(), c.cpu()) for h, c in hs] for hs in self.hidden]
+        return {"hidden": hidden}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        hidden = state.get("hidden")
+        dev = self.ctx.device
+        self.hidden = None if hidden is None else [[(h.to(dev), c.to(dev)) for h, c in hs] for hs in hidden]
+
+    def checkpoint_signature(self) -> dict:
+        m = self.cfg.model
+        return {
+            "vocabulary": f"{len(self.corpus.dictionary)} words, digest {self.corpus.vocab_digest()}",
+            "model shape": f"emsize {m.emsize}, nhid {m.nhid}, nlayers {m.nlayers}, tied {m.tie_weights}",
+        }

@@ -1,0 +1,86 @@
+"""The command lines of ``launch/train.py`` and ``launch/evaluate.py``, and their one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError, UserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys by dotted path, e.g. --set model.nhid=400 train.max_steps=200")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/train.py", description="Train a recipe with DeepSpeed.")
+    p.add_argument("--recipe", help="recipe name (see --list-recipes)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="YAML merged over the recipe's defaults (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
+    _add_common(p)
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/evaluate.py", description="Evaluate a run's checkpoint.")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--checkpoint", default="best", help="best, latest or a checkpoint tag")
+    _add_common(p)
+    return p
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _crash_log(exc: BaseException, run_dir: str | None) -> str:
+    """Keep the traceback on disk so a one-line console error loses nothing."""
+    target = Path(run_dir) if run_dir and Path(run_dir).is_dir() else Path.cwd()
+    path = target / f"crash-rank{_rank()}.log"
+    try:
+        path.write_text("".join(traceback.format_exception(exc)))
+        return str(path)
+    except OSError:
+        return ""
+
+
+def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None = None) -> int:
+    """Run ``main``; a user error is one line on rank 0, an unexpected one is one line plus a crash log."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except UserError as e:
+        if args.debug:
+            raise
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last line of defence before a raw traceback
+        if args.debug:
+            raise
+        where = _crash_log(e, getattr(args, "run_dir", None))
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: [rank {_rank()}] unexpected {type(e).__name__}: {msg} "
+              f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", file=sys.stderr, flush=True)
+        return 1
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)

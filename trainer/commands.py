@@ -1,0 +1,90 @@
+"""What ``launch/train.py`` and ``launch/evaluate.py`` do once their arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .checkpoint import Checkpointer, check_signature, read_client_state, resolve_tag
+from .cli import require
+from .config import read_yaml, to_yaml
+from .registry import all_recipes, get_recipe
+from .rundir import RunDir
+
+log = logging.getLogger("trainer")
+
+
+def _saved_recipe(run: RunDir) -> str:
+    require(run.config.is_file(), f"{run.path} has no config.yaml; point --run-dir at a training run's directory")
+    name = read_yaml(run.config).get("recipe")
+    require(bool(name), f"{run.config} names no recipe; it was not written by launch/train.py")
+    return name
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.list_recipes:
+        for name, spec in all_recipes().items():
+            print(f"{name:28s} {spec.description}")
+        return 0
+    layers = list(args.config)
+    if args.resume:
+        require(bool(args.run_dir), "--resume needs --run-dir DIR naming the run to continue")
+        saved = _saved_recipe(RunDir(args.run_dir))
+        require(args.recipe in (None, saved), f"{args.run_dir} is a '{saved}' run, not '{args.recipe}'; drop --recipe or fix it")
+        args.recipe = saved
+        layers = [RunDir(args.run_dir).config, *layers]
+    require(bool(args.recipe), "name a recipe with --recipe NAME (see --list-recipes)")
+    spec = get_recipe(args.recipe)
+    cfg = spec.load_config(layers, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from .distributed import init_distributed
+    from .engine import Trainer
+    from .monitor import setup_console_logging
+    from .rundir import resolve_run_dir
+
+    ctx = init_distributed()
+    setup_console_logging(ctx)
+    run = resolve_run_dir(args.run_dir, spec.name, args.resume, ctx)
+    args.run_dir = str(run.path)  # crash logs go to the run
+    log.info("run %s: recipe %s on %d rank(s)", run.path, spec.name, ctx.world)
+    state = Trainer(spec, cfg, ctx, run, resume=args.resume).fit()
+    log.info("done: %d steps, best valid %s %.4f; run directory %s", state.step, spec.factory.best_metric,
+             state.best, run.path)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir)
+    spec = get_recipe(_saved_recipe(run))
+    cfg = spec.load_config([run.config], args.overrides)
+    tag = resolve_tag(run.checkpoints, args.checkpoint)
+    saved = read_client_state(run.checkpoints, tag)
+
+    import deepspeed
+
+    from .distributed import init_distributed
+    from .evaluation import evaluate_split
+    from .monitor import Monitor, setup_console_logging
+    from .rng import seed_everything
+
+    ctx = init_distributed()
+    setup_console_logging(ctx)
+    recipe = spec.factory(cfg, ctx, None)
+    recipe.setup()
+    check_signature(recipe.checkpoint_signature(), saved, tag)
+    seed_everything(cfg.seed)
+    engine, _, _, _ = deepspeed.initialize(model=recipe.build_model(),
+                                           config={"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**12})
+    Checkpointer(engine, run.checkpoints, ctx, keep_last=1).load(tag, module_only=True)
+    metrics = evaluate_split(recipe, engine.module, args.split, ctx)
+    trainer = saved.get("trainer", {})
+    step = trainer.get("step", 0)
+    if ctx.is_main:
+        print(f"{args.split} [{tag}, step {step}, {ctx.world} rank(s)] " + " ".join(f"{k} {v:.6f}" for k, v in metrics.items()),
+              flush=True)
+    Monitor(run, ctx).record(args.split, step, float(trainer.get("epoch", 0)), metrics,
+                             {"checkpoint": tag, "world": ctx.world, "source": "evaluate"}, tensorboard=False)
+    return 0

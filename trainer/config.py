@@ -1,0 +1,168 @@
+"""Typed, validated recipe configs: YAML defaults, user YAML, then ``--set`` overrides.
+
+Every recipe config derives from :class:`RecipeConfig`; sections forbid unknown keys so a typo
+is an error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+DATA_ENV = "DSRECIPES_DATA"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps; 0 = no limit")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = once per epoch")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = once per epoch")
+    keep_last: int = Field(3, ge=1, description="step checkpoints kept besides 'best'")
+    log_every: int = Field(50, ge=1)
+    micro_batch_size: int = Field(0, ge=0, description="per-rank micro-batch; 0 = the whole per-rank batch")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    zero_stage: int = Field(0, ge=0, le=2)
+    test_at_end: bool = Field(True, description="evaluate the best checkpoint on the test split at the end")
+    progress: bool = True
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed config")
+
+
+class DataConfig(Section):
+    root: str | None = Field(None, description=f"dataset directory; default ${DATA_ENV} or data/")
+    batch_size: int = Field(..., ge=1, description="the global batch, split evenly over data-parallel ranks")
+
+    @field_validator("root", mode="after")
+    @classmethod
+    def _default_root(cls, value: str | None) -> str:
+        return value if value else os.environ.get(DATA_ENV, "data")
+
+
+class OptimConfig(Section):
+    lr: float = Field(..., gt=0)
+    clip: float = Field(0.0, ge=0, description="global gradient-norm clip; 0 = off")
+
+
+class RecipeConfig(Section):
+    recipe: str = ""
+    seed: int = 0
+    train: TrainConfig
+    data: DataConfig
+    optim: OptimConfig
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            parts.append(f"'{key}' is required")
+        else:
+            parts.append(f"{key}: {e['msg'].lower()} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_hint(model: type[BaseModel], key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(model), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=value`` strings to (key, value); values are parsed as YAML scalars (``1.5``, ``true``, ``[1, 2]``)."""
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def apply_override(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML; fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(model: type[RecipeConfig], layers: list[dict], overrides: list[str]) -> RecipeConfig:
+    """Merge config layers in order, apply ``--set`` overrides, validate; errors are one line naming the key."""
+    tree: dict = {}
+    for layer in layers:
+        tree = deep_merge(tree, layer)
+    for key, value in parse_overrides(overrides):
+        apply_override(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        msg = _format_validation_error(err)
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            msg += _unknown_key_hint(model, ".".join(str(p) for p in first["loc"]))
+        raise ConfigError(f"config error: {msg}") from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

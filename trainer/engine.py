@@ -1,0 +1,300 @@
+"""The one training loop every recipe runs on, built on ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .checkpoint import (BEST, Checkpointer, check_signature, param_digest, read_client_state, read_latest_tag,
+                         step_tag)
+from .config import RecipeConfig, deep_merge, to_yaml
+from .distributed import DistContext, all_reduce_sums, barrier
+from .errors import CheckpointError, ConfigError, UserError
+from .evaluation import evaluate_split
+from .monitor import Monitor
+from .recipe import BatchPlan, Recipe
+from .registry import RecipeSpec
+from .rng import capture_rng, restore_rng, seed_everything
+from .rundir import RunDir
+
+log = logging.getLogger("trainer")
+
+
+class TrainingError(UserError):
+    pass
+
+
+def plan_batch(global_batch: int, world: int, micro: int) -> BatchPlan:
+    """Split the global batch over ranks and accumulation steps; it must divide exactly."""
+    if global_batch % world:
+        raise ConfigError(
+            f"data.batch_size={global_batch} does not divide over {world} data-parallel ranks; "
+            f"use a multiple of {world}"
+        )
+    per_rank = global_batch // world
+    micro = micro or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+            f"(data.batch_size={global_batch} over {world} ranks); pick a divisor of {per_rank}"
+        )
+    return BatchPlan(global_batch, world, per_rank, micro, per_rank // micro)
+
+
+def resolve_precision(cfg: RecipeConfig, recipe_cls: type[Recipe], ctx: DistContext) -> str:
+    choice = cfg.train.precision
+    if choice == "auto":
+        bf16_ok = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return recipe_cls.default_precision if bf16_ok else "fp32"
+    return choice
+
+
+def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str, run_dir: RunDir | None) -> dict:
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": cfg.optim.clip,
+        "steps_per_print": 10**12,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    if run_dir is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(run_dir.path), "job_name": "tensorboard"}
+    return deep_merge(ds, cfg.train.deepspeed)
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    steps_in_epoch: int = 0
+    position: Any = None  # the recipe's data position within the current epoch
+    best: float = math.inf
+    last_eval_step: int = -1
+    last_ckpt_step: int = -1
+
+
+class Trainer:
+    def __init__(self, spec: RecipeSpec, cfg: RecipeConfig, ctx: DistContext, run_dir: RunDir, resume: bool):
+        self.spec, self.cfg, self.ctx, self.run_dir = spec, cfg, ctx, run_dir
+        self.plan = plan_batch(cfg.data.batch_size, ctx.world, cfg.train.micro_batch_size)
+        self.precision = resolve_precision(cfg, spec.factory, ctx)
+        self.recipe: Recipe = spec.factory(cfg, ctx, self.plan)
+        self.state = LoopState()
+
+        if ctx.is_main:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                run_dir.config.write_text(to_yaml(cfg))
+        barrier(ctx)
+
+        self.recipe.setup()
+        resume_tag = read_latest_tag(run_dir.checkpoints) if resume else None
+        if resume_tag:
+            self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
+        seed_everything(cfg.seed)  # identical initial weights whatever the world size
+        model = self.recipe.build_model()
+        optimizer = self.recipe.build_optimizer(model)
+        self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(cfg, self.plan, self.precision, run_dir),
+        )
+        seed_everything(cfg.seed + 1000003 * ctx.rank)  # independent dropout masks per rank
+        self.monitor = Monitor(run_dir, ctx, self.engine.monitor)
+        self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
+        if resume_tag:
+            self._restore(resume_tag)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _check_compatible(self, saved: dict, tag: str) -> None:
+        trainer = saved.get("trainer", {})
+        if trainer.get("recipe") not in (None, self.spec.name):
+            raise CheckpointError(
+                f"checkpoint {tag} belongs to recipe '{trainer['recipe']}', not '{self.spec.name}'; "
+                "resume it with its own recipe"
+            )
+        if trainer.get("world") not in (None, self.ctx.world) and self.cfg.train.zero_stage > 0:
+            raise CheckpointError(
+                f"checkpoint {tag} was written by {trainer['world']} ranks under ZeRO stage {self.cfg.train.zero_stage} "
+                f"and DeepSpeed cannot load it on {self.ctx.world}; resume with {trainer['world']} ranks"
+            )
+        check_signature(self.recipe.checkpoint_signature(), saved, tag)
+
+    def _client_state(self) -> dict:
+        return {
+            "trainer": {**asdict(self.state), "recipe": self.spec.name, "world": self.ctx.world},
+            "recipe": self.recipe.state_dict(),
+            "signature": self.recipe.checkpoint_signature(),
+        }
+
+    def _rank_state(self) -> dict:
+        return {
+            "rng": capture_rng(),
+            "recipe": self.recipe.rank_state_dict(),
+            "param_digest": param_digest(self.engine.module),
+            "rank": self.ctx.rank,
+            "world": self.ctx.world,
+        }
+
+    def save(self, tag: str | None = None) -> None:
+        tag = tag or step_tag(self.state.step)
+        best = tag == BEST
+        if not best:
+            self.state.last_ckpt_step = self.state.step
+        self.ckpt.save(tag, self._client_state(), self._rank_state(), save_latest=not best)
+        log.info("saved checkpoint %s at step %d", tag, self.state.step)
+
+    def _restore(self, tag: str) -> None:
+        client, rank_state = self.ckpt.load(tag)
+        for k, v in client["trainer"].items():
+            if hasattr(self.state, k):
+                setattr(self.state, k, v)
+        self.recipe.load_state_dict(client.get("recipe", {}))
+        same_world = client["trainer"].get("world") == self.ctx.world
+        if rank_state is not None and same_world:
+            restore_rng(rank_state["rng"])
+            self.recipe.load_rank_state_dict(rank_state["recipe"])
+        else:
+            log.warning("checkpoint %s was written by %s ranks; per-rank RNG and state start fresh on %d ranks",
+                        tag, client["trainer"].get("world"), self.ctx.world)
+        log.info("resumed from %s at step %d (epoch %d)", tag, self.state.step, self.state.epoch)
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, split: str) -> dict[str, float]:
+        return evaluate_split(self.recipe, self.engine.module, split, self.ctx)
+
+    def _validate(self) -> None:
+        metrics = self.evaluate("valid")
+        s = self.state
+        s.last_eval_step = s.step
+        self.monitor.record("valid", s.step, self._epoch_progress(), metrics)
+        self.monitor.console(f"step {s.step} valid", metrics)
+        score = metrics[self.recipe.best_metric]
+        if score < s.best:
+            s.best = score
+            self.save(BEST)
+
+    def _test_best(self) -> None:
+        if not (self.run_dir.checkpoints / BEST).is_dir():
+            return
+        self.ckpt.load(BEST, module_only=True)
+        metrics = self.evaluate("test")
+        self.monitor.record("test", self.state.step, self._epoch_progress(), metrics, {"checkpoint": BEST})
+        self.monitor.console("test (best checkpoint)", metrics)
+
+    # ----------------------------------------------------------------- training
+    def _epoch_progress(self) -> float:
+        per = self.recipe.steps_per_epoch()
+        return self.state.epoch + (self.state.steps_in_epoch / per if per else 0.0)
+
+    def _set_lr(self, scale: float) -> float:
+        factor = self.recipe.lr_factor(self.state.step)
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor * scale
+        return self.cfg.optim.lr * factor
+
+    def _log_train(self, window: dict, lr: float) -> None:
+        elapsed = max(time.perf_counter() - window.pop("_t0"), 1e-9)
+        sums = all_reduce_sums({k: float(v) for k, v in window.items()}, self.ctx)
+        n = sums.pop("_micro")
+        units = sums.pop("_units")
+        means = {k: v / n for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise TrainingError(
+                f"training loss became {means.get('loss')} by step {self.state.step}; "
+                "lower optim.lr or raise optim.clip, then --resume from the last checkpoint"
+            )
+        metrics = self.recipe.train_metrics(means)
+        rate = {f"{self.recipe.unit}_per_s": units / elapsed}
+        s = self.state
+        self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr}, rate)
+        self.monitor.scalars(s.step, {f"perf/{k}": v for k, v in rate.items()})
+        self.monitor.console(f"step {s.step} epoch {self._epoch_progress():.2f}", {**metrics, "lr": lr, **rate})
+        if self._bar is not None:
+            self._bar.set_postfix({k: _short(v) for k, v in {**metrics, **rate}.items()})
+
+    def fit(self) -> LoopState:
+        cfg, s, recipe, engine = self.cfg.train, self.state, self.recipe, self.engine
+        engine.module.train()
+        window: dict = {}
+        self._bar = None
+        lr = self.cfg.optim.lr
+        stop = cfg.max_steps and s.step >= cfg.max_steps
+        while not stop and s.epoch < cfg.epochs:
+            self._open_bar()
+            for ts in recipe.train_steps(s.epoch, s.position):
+                if not window:
+                    window = {"_t0": time.perf_counter(), "_micro": 0.0, "_units": 0.0}
+                lr = self._set_lr(ts.lr_scale)
+                self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
+                for micro in ts.micro_batches:
+                    out = recipe.micro_loss(engine, micro)
+                    engine.backward(out.loss)
+                    engine.step()
+                    for k, v in out.metrics.items():
+                        window[k] = window.get(k, 0.0) + v.detach().float()
+                    window["_micro"] += 1
+                window["_units"] += ts.units
+                s.step += 1
+                s.steps_in_epoch += 1
+                s.position = ts.position
+                if self._bar is not None:
+                    self._bar.update(1)
+                if s.step % cfg.log_every == 0:
+                    self._log_train(window, lr)
+                    window = {}
+                if cfg.eval_every and s.step % cfg.eval_every == 0:
+                    self._validate()
+                if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if cfg.max_steps and s.step >= cfg.max_steps:
+                    stop = True
+                    break
+            else:
+                s.epoch += 1
+                s.steps_in_epoch = 0
+                s.position = None
+                if not cfg.eval_every:
+                    self._validate()
+                if not cfg.checkpoint_every:
+                    self.save()
+            self._close_bar()
+        if window and window.get("_micro"):
+            self._log_train(window, lr)
+        if s.last_eval_step != s.step:
+            self._validate()
+        if s.last_ckpt_step != s.step:
+            self.save()
+        if cfg.test_at_end:
+            self._test_best()
+        barrier(self.ctx)
+        return s
+
+    def _open_bar(self) -> None:
+        if self.ctx.is_main and self.cfg.train.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.recipe.steps_per_epoch(), initial=self.state.steps_in_epoch,
+                             desc=f"epoch {self.state.epoch + 1}", unit="step", dynamic_ncols=True, leave=False)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _short(v: float) -> str:
+    return f"{v:.4g}"

@@ -1,0 +1,18 @@
+"""Exact evaluation over ranks: each rank sums over its share, the sums are reduced, then finalized."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .distributed import DistContext, all_reduce_sums
+from .recipe import Recipe
+
+
+def evaluate_split(recipe: Recipe, module: nn.Module, split: str, ctx: DistContext) -> dict[str, float]:
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        sums = recipe.evaluate(module, split)
+    module.train(was_training)
+    return recipe.finalize_metrics(all_reduce_sums(sums, ctx))

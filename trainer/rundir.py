@@ -1,0 +1,66 @@
+"""The run directory: resolved config, metrics log, TensorBoard events and checkpoints in one place."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .distributed import DistContext, broadcast_object
+from .errors import ConfigError
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoints / "latest").is_file()
+
+    def holds_a_run(self) -> bool:
+        return self.config.exists() or self.has_checkpoint() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
+
+    def append_metrics(self, record: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def resolve_run_dir(arg: str | None, recipe: str, resume: bool, ctx: DistContext) -> RunDir:
+    """Pick the run directory on rank 0 and share it, so every rank agrees on a timestamped name."""
+    if resume:
+        if not arg:
+            raise ConfigError("--resume needs --run-dir DIR naming the run to continue")
+        run = RunDir(arg)
+        if not run.has_checkpoint():
+            raise ConfigError(f"nothing to resume in {run.path}: it has no checkpoints/latest; start a new run without --resume")
+        return run
+    if arg:
+        run = RunDir(arg)
+        if run.holds_a_run():
+            raise ConfigError(
+                f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir"
+            )
+        return run
+    name = broadcast_object(f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None, ctx)
+    return RunDir(name)
