@@ -256,10 +256,13 @@ class Trainer:
                 if s.step % cfg.log_every == 0:
                     self._log_train(window, lr)
                     window = {}
+                paused = time.perf_counter()
                 if cfg.eval_every and s.step % cfg.eval_every == 0:
                     self._validate()
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self.save()
+                if window:  # throughput counts training time only
+                    window["_t0"] += time.perf_counter() - paused
                 if cfg.max_steps and s.step >= cfg.max_steps:
                     stop = True
                     break
