@@ -1,6 +1,60 @@
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from trainer.distributed import free_port  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+# A small AWD-LSTM that still learns PTB in a few hundred CPU steps.
+SMALL_AWD = ["data.root=" + str(SHARED_DATA), "model.emsize=100", "model.nhid=200", "data.bptt=35",
+             "train.test_at_end=false", "train.progress=false"]
+
+
+def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run a launch/ script on ``ranks`` CPU ranks: plain python for 1, the deepspeed launcher for more."""
+    path = str(ROOT / "launch" / script)
+    if ranks == 1:
+        cmd = [sys.executable, path, *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(var, None)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    out = output(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in output(proc).splitlines() if line.startswith("error: ")]
+
+
+def metric_value(text: str, name: str) -> float:
+    m = re.search(rf"\b{name} ([0-9.eE+-]+)", text)
+    assert m, f"no '{name} <value>' in output:\n{text[-2000:]}"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert (SHARED_DATA / "ptb" / "train.txt").is_file(), f"tests need the shared data at {SHARED_DATA}"
+    return SHARED_DATA

@@ -92,13 +92,11 @@ class Trainer:
         self.recipe: Recipe = spec.factory(cfg, ctx, self.plan)
         self.state = LoopState()
 
+        self.recipe.setup()
         if ctx.is_main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                run_dir.config.write_text(to_yaml(cfg))
+            run_dir.config.write_text(to_yaml(cfg))
         barrier(ctx)
-
-        self.recipe.setup()
         resume_tag = read_latest_tag(run_dir.checkpoints) if resume else None
         if resume_tag:
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)

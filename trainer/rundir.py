@@ -34,7 +34,8 @@ class RunDir:
         return (self.checkpoints / "latest").is_file()
 
     def holds_a_run(self) -> bool:
-        return self.config.exists() or self.has_checkpoint() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
+        """Checkpoints or logged metrics: results a new run must not overwrite (a lone config.yaml is not)."""
+        return self.has_checkpoint() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
 
     def append_metrics(self, record: dict) -> None:
         with self.metrics.open("a") as f:

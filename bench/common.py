@@ -1,0 +1,184 @@
+"""Shared helpers for the benchmarks: launch real training runs, read their metrics, print tables.
+
+Every benchmark goes through ``launch/train.py`` (1 rank: plain ``python``; N ranks: the ``deepspeed``
+launcher) so the numbers are those of the engine users run, not of a re-implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PTB_DIR = REPO.parent / "shared" / "data" / "ptb"
+DATA_ROOT = os.path.relpath(PTB_DIR.parent, REPO)  # "../shared/data", as the README spells it
+BIN = Path(sys.executable).parent
+
+SMALL = {"model.emsize": 200, "model.nhid": 400}
+PAPER: dict = {}  # the recipe defaults are the paper's PTB shape
+
+_ports_used: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now and not handed out before in this process, so back-to-back runs never collide."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_used:
+            _ports_used.add(port)
+            return port
+
+
+def overrides(*layers: dict) -> list[str]:
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
+
+
+def train_command(ranks: int, run_dir: Path, sets: list[str]) -> tuple[list[str], dict]:
+    """The command line and environment of one run.
+
+    OMP_NUM_THREADS is dropped so the engine's own CPU-thread split (cores / local ranks) applies,
+    whatever the caller's shell exports.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    args = ["launch/train.py", "--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *sets]
+    if ranks == 1:
+        env["MASTER_PORT"] = str(port)
+        return [sys.executable, *args], env
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), *args], env
+
+
+def shell_line(cmd: list[str]) -> str:
+    """The command as a reader would type it from the repo root with the venv active."""
+    parts = list(cmd)
+    parts[0] = Path(parts[0]).name
+    return " ".join(parts)
+
+
+@dataclass
+class Run:
+    ranks: int
+    run_dir: Path
+    cmd: list[str]
+    proc: subprocess.Popen
+    log_path: Path
+    t0: float
+    wall_s: float = float("nan")
+
+    def wait(self, poll_s: float | None = None, report=None) -> "Run":
+        """Block until the run ends; with ``poll_s``, call ``report(self)`` between polls."""
+        while True:
+            try:
+                self.proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                if report:
+                    report(self)
+        self.wall_s = time.perf_counter() - self.t0
+        if self.proc.returncode != 0:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"run failed (rc {self.proc.returncode}): {shell_line(self.cmd)}\n{tail}")
+        return self
+
+    def metrics(self, split: str | None = None) -> list[dict]:
+        return read_metrics(self.run_dir, split)
+
+
+def start_run(ranks: int, run_dir: Path, sets: list[str]) -> Run:
+    """Start a training run in the background; its console output goes to ``run_dir``.log."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd, env = train_command(ranks, run_dir, sets)
+    log_path = run_dir.with_suffix(".log")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return Run(ranks, run_dir, cmd, proc, log_path, time.perf_counter())
+
+
+def run_training(ranks: int, run_dir: Path, sets: list[str]) -> Run:
+    return start_run(ranks, run_dir, sets).wait()
+
+
+def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def median(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else float("nan")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """Run directories under runs/bench/ (git-ignored), removed by ``cleanup``."""
+    root = REPO / "runs" / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def short_eval_data(lines: int = 100) -> Path:
+    """Real PTB train.txt with the first ``lines`` of valid/test, so short throughput runs do not spend
+    minutes in the end-of-run evaluation. The vocabulary must come out identical to real PTB's (PTB's
+    valid/test words all occur in train), which is checked, so the model shape is unchanged.
+    """
+    sys.path.insert(0, str(REPO))
+    from recipes.awd_lstm.corpus import Corpus
+
+    d = scratch_dir("ptb-short-eval-") / "ptb"
+    d.mkdir()
+    (d / "train.txt").symlink_to(PTB_DIR / "train.txt")
+    for split in ("valid", "test"):
+        with (PTB_DIR / f"{split}.txt").open() as src:
+            (d / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
+    full, short = Corpus.from_dir(PTB_DIR), Corpus.from_dir(d)
+    if full.vocab_digest() != short.vocab_digest():
+        raise RuntimeError("trimmed valid/test changed the vocabulary; the model shape would differ")
+    return d
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}"
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def machine_line() -> str:
+    model = platform.processor() or "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import torch
+
+    return (f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}, "
+            f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
