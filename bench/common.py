@@ -48,14 +48,16 @@ def overrides(*layers: dict) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
 
 
-def train_command(ranks: int, run_dir: Path, sets: list[str]) -> tuple[list[str], dict]:
+def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> tuple[list[str], dict]:
     """The command line and environment of one run.
 
-    OMP_NUM_THREADS is dropped so the engine's own CPU-thread split (cores / local ranks) applies,
-    whatever the caller's shell exports.
+    With ``threads=None`` OMP_NUM_THREADS is dropped so the engine's own CPU-thread split
+    (cores / local ranks) applies whatever the caller's shell exports; an int pins it.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
     args = ["launch/train.py", "--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *sets]
     if ranks == 1:
@@ -100,19 +102,19 @@ class Run:
         return read_metrics(self.run_dir, split)
 
 
-def start_run(ranks: int, run_dir: Path, sets: list[str]) -> Run:
+def start_run(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> Run:
     """Start a training run in the background; its console output goes to ``run_dir``.log."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd, env = train_command(ranks, run_dir, sets)
+    cmd, env = train_command(ranks, run_dir, sets, threads)
     log_path = run_dir.with_suffix(".log")
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     return Run(ranks, run_dir, cmd, proc, log_path, time.perf_counter())
 
 
-def run_training(ranks: int, run_dir: Path, sets: list[str]) -> Run:
-    return start_run(ranks, run_dir, sets).wait()
+def run_training(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> Run:
+    return start_run(ranks, run_dir, sets, threads).wait()
 
 
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
@@ -178,7 +180,7 @@ def machine_line() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import torch
+    from importlib.metadata import version
 
-    return (f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}, "
-            f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    return (f"{os.cpu_count()} CPUs ({model}), torch {version('torch')}, deepspeed {version('deepspeed')}, "
+            f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""What weight drop (DropConnect on weight_hh) costs in AWD-LSTM's recurrent stack, on CPU.
+
+Forward+backward of the paper's 3-layer stack (400->1150, 1150->1150, 1150->400; T=70) in train
+mode, for batch 10 (per rank at 2 ranks) and 20 (1 rank):
+
+  wdrop     WeightDropLSTM, weight_drop=0.5 (what training runs)
+  no-wdrop  the same modules with weight_drop=0 (same parameters, same fused op, no mask)
+  nn.LSTM   torch.nn.LSTM layers holding copies of the same weights
+  candidate weight_drop=0.5 with the keep-mask cut from 16-bit random words (four per int64
+            random_ draw) instead of F.dropout's per-element bernoulli_, built outside autograd
+            (a proposed fix, measured here only; the trainer is unchanged)
+
+Variants run interleaved in rounds (A, B, C, D, A, B, C, D, ...) after warm-up rounds; ratios are
+the median of the per-round ratios, so slow drift in the shared machine's load cancels. The issue's
+budget is weight drop < 5% over no-wdrop. One profiled wdrop step per batch shows where time goes.
+
+    python bench/weight_drop_cost.py [--threads 1] [--rounds 10] [--batches 10,20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_line, markdown_table, median  # noqa: E402
+from trainer.regularizers import weight_drop as wd  # noqa: E402
+from trainer.regularizers.weight_drop import WeightDropLSTM  # noqa: E402
+
+SIZES = [(400, 1150), (1150, 1150), (1150, 400)]
+T = 70
+RATE = 0.5
+BUDGET = 0.05
+
+
+def keep_mask(w: torch.Tensor, rate: float) -> torch.Tensor:
+    """Scaled DropConnect mask at a quarter of the RNG calls: CPU bernoulli_ draws one random number
+    per element (~14 ns each here), which is what makes F.dropout on an 11M-element weight_hh
+    expensive. Keep-probability resolution is 2**-16 (exact for 0.5); the random stream differs."""
+    words = torch.empty((w.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    u16 = words.view(torch.int16)[: w.numel()].view(w.shape)  # uniform on [-32768, 32767]
+    return u16.ge(round(rate * 65536) - 32768).to(w.dtype).mul_(1.0 / (1.0 - rate))
+
+
+def rand_mask_forward(layer: WeightDropLSTM, x: torch.Tensor, rate: float):
+    """The candidate's layer forward: the mask is built outside autograd, so backward is one multiply."""
+    with torch.no_grad():
+        mask = keep_mask(layer.weight_hh, rate)
+    zeros = x.new_zeros(1, x.size(1), layer.hidden_size)
+    out, _, _ = wd._lstm(x, (zeros, zeros), [layer.weight_ih, layer.weight_hh * mask, layer.bias_ih, layer.bias_hh],
+                         True, 1, 0.0, True, False, False)
+    return out
+
+
+class Stacks:
+    def __init__(self):
+        torch.manual_seed(0)
+        self.wdl = nn.ModuleList(WeightDropLSTM(i, o, weight_drop=RATE) for i, o in SIZES).train()
+        self.ref = nn.ModuleList(nn.LSTM(i, o) for i, o in SIZES).train()
+        with torch.no_grad():
+            for a, b in zip(self.wdl, self.ref):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(b, f"{name}_l0").copy_(getattr(a, name))
+        self.params = list(self.wdl.parameters()) + list(self.ref.parameters())
+
+    def forward(self, variant: str, x: torch.Tensor) -> torch.Tensor:
+        for wdl, ref in zip(self.wdl, self.ref):
+            if variant == "wdrop":
+                x, _ = wdl(x)
+            elif variant == "no-wdrop":
+                x, _ = wdl(x, weight_drop=0.0)
+            elif variant == "nn.LSTM":
+                x, _ = ref(x)
+            else:
+                x = rand_mask_forward(wdl, x, RATE)
+        return x
+
+    def step(self, variant: str, x: torch.Tensor, grad: torch.Tensor) -> float:
+        for p in self.params:
+            p.grad = None
+        x.grad = None
+        t0 = time.perf_counter()
+        self.forward(variant, x).backward(grad)
+        return time.perf_counter() - t0
+
+    def check_same_math(self) -> None:
+        """no-wdrop and nn.LSTM must compute the same function, or the comparison means nothing."""
+        x = torch.randn(5, 2, SIZES[0][0])
+        with torch.no_grad():
+            a, b = self.forward("no-wdrop", x), self.forward("nn.LSTM", x)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def profile_step(stacks: Stacks, x, grad, top: int = 6) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        stacks.step("wdrop", x, grad)
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev)
+    return ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms ({100 * e.self_cpu_time_total / total:.0f}%)"
+                     for e in ev[:top])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads for every variant (1 = what each rank gets at 2 ranks on 2 cores)")
+    ap.add_argument("--batches", default="10,20")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-candidate", action="store_true", help="skip the rand-mask candidate")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    variants = ["wdrop", "no-wdrop", "nn.LSTM"] + ([] if args.no_candidate else ["candidate"])
+    print(machine_line(), f"| torch.set_num_threads({args.threads}) | T={T} rate={RATE}", flush=True)
+    stacks = Stacks()
+    stacks.check_same_math()
+
+    rows, verdicts = [], []
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = torch.randn(T, batch, SIZES[0][0], requires_grad=True)
+        grad = torch.randn(T, batch, SIZES[-1][1])
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.warmup + args.rounds):
+            for v in variants:
+                dt = stacks.step(v, x, grad)
+                if r >= args.warmup:
+                    times[v].append(dt)
+        print(f"batch {batch} profile of one wdrop step: {profile_step(stacks, x, grad)}", flush=True)
+
+        def paired(a: str, b: str) -> float:
+            return median(x / y for x, y in zip(times[a], times[b]))
+
+        ratio = paired("wdrop", "no-wdrop")
+        row = [batch, *(1e3 * median(times[v]) for v in variants), ratio, paired("wdrop", "nn.LSTM")]
+        if "candidate" in times:
+            row.append(paired("candidate", "no-wdrop"))
+        rows.append(row)
+        verdicts.append((batch, ratio))
+
+    headers = ["batch", *(f"{v} ms" for v in variants), "wdrop/no-wdrop", "wdrop/nn.LSTM"]
+    if not args.no_candidate:
+        headers.append("candidate/no-wdrop")
+    print()
+    print(markdown_table(headers, rows))
+    print()
+    for batch, ratio in verdicts:
+        verdict = "PASS" if ratio - 1 < BUDGET else "FAIL"
+        print(f"{verdict}: batch {batch}: weight drop costs {100 * (ratio - 1):+.1f}% (budget {100 * BUDGET:.0f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

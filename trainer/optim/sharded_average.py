@@ -1,0 +1,86 @@
+"""A running average of the parameters, partitioned over data-parallel ranks.
+
+The parameters are laid end to end in the module's canonical (named_parameters) order and that flat
+vector is cut into ``world`` contiguous shards, as ZeRO cuts its flat groups. Each rank keeps and updates
+only its own shard (1/N of the memory); the whole average exists only transiently, when it is gathered to
+evaluate or to save. Since the flat order depends on the module alone, the saved average is independent of
+the world size and of the ZeRO stage, and loads on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import DistContext
+
+
+class ShardedAverage:
+    def __init__(self, module: nn.Module, ctx: DistContext):
+        self.ctx = ctx
+        self.params = [p for _, p in module.named_parameters()]
+        self.names = [n for n, _ in module.named_parameters()]
+        self.total = sum(p.numel() for p in self.params)
+        self.shard = math.ceil(self.total / ctx.world)
+        self.lo = min(self.total, ctx.rank * self.shard)
+        self.hi = min(self.total, self.lo + self.shard)
+        device = self.params[0].device
+        self.buffer = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=device)
+        # (flattened param view slice, matching slice of this rank's buffer) for every param that meets the shard
+        self._pieces: list[tuple[nn.Parameter, int, int, int]] = []
+        offset = 0
+        for p in self.params:
+            a, b = max(self.lo, offset), min(self.hi, offset + p.numel())
+            if a < b:
+                self._pieces.append((p, a - offset, b - offset, a - self.lo))
+            offset += p.numel()
+
+    def _slices(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mine, theirs = [], []
+        for p, a, b, at in self._pieces:
+            mine.append(self.buffer[at:at + (b - a)])
+            theirs.append(p.detach().reshape(-1)[a:b])
+        return mine, theirs
+
+    @torch.no_grad()
+    def update(self, weight: float) -> None:
+        """buffer <- buffer + weight * (params - buffer); weight 1/n keeps the uniform mean of n iterates."""
+        mine, theirs = self._slices()
+        if not mine:
+            return
+        theirs = [t.float() for t in theirs]
+        if weight >= 1.0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, weight)
+
+    @torch.no_grad()
+    def gather(self) -> torch.Tensor:
+        """The whole average as one flat fp32 vector on every rank (a collective: all ranks call it)."""
+        padded = torch.zeros(self.shard, dtype=torch.float32, device=self.buffer.device)
+        padded[: self.buffer.numel()] = self.buffer
+        if self.ctx.world == 1:
+            return padded[: self.total]
+        out = torch.empty(self.shard * self.ctx.world, dtype=torch.float32, device=self.buffer.device)
+        if dist.get_backend() == "nccl":
+            dist.all_gather_into_tensor(out, padded)
+        else:  # the list form works on every backend
+            dist.all_gather(list(out.chunk(self.ctx.world)), padded)
+        return out[: self.total]
+
+    @torch.no_grad()
+    def load_flat(self, flat: torch.Tensor) -> None:
+        if flat.numel() != self.total:
+            raise ValueError(f"averaged state has {flat.numel()} values, the model {self.total}")
+        self.buffer.copy_(flat[self.lo:self.hi].to(self.buffer.device))
+
+    @torch.no_grad()
+    def copy_into_params(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
