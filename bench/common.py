@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PTB_DIR = REPO.parent / "shared" / "data" / "ptb"
-DATA_ROOT = os.path.relpath(PTB_DIR.parent, REPO)  # "../shared/data", as the README spells it
+_DATA = Path(os.environ.get("DSRECIPES_DATA") or REPO.parent / "shared" / "data").resolve()
+PTB_DIR = _DATA / "ptb"
+# "../shared/data", as the README spells it, when the data sits beside the checkout
+DATA_ROOT = os.path.relpath(_DATA, REPO) if _DATA.is_relative_to(REPO.parent) else str(_DATA)
 BIN = Path(sys.executable).parent
 
 SMALL = {"model.emsize": 200, "model.nhid": 400}

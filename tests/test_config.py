@@ -1,9 +1,8 @@
 """Recipe configs: defaults, layering, overrides and one-line errors that name the key."""
 
 import pytest
-import yaml
 
-from trainer.config import to_yaml
+from trainer.config import read_config_file, to_yaml
 from trainer.errors import ConfigError
 from trainer.registry import all_recipes, get_recipe
 
@@ -87,7 +86,7 @@ def test_registry_lists_builtin_recipes_and_rejects_unknown():
 def test_every_recipe_yaml_lists_every_key():
     """'Each recipe ships a YAML file with every hyperparameter': the file alone must equal the full config."""
     for spec in all_recipes().values():
-        shipped = yaml.safe_load(spec.config_file.read_text())
+        shipped = read_config_file(spec.config_file)  # with its _base_ merged underneath
         full = spec.load_config().model_dump(mode="json")
         full.pop("recipe")
         shipped_keys = _flat(shipped)

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from .distributed import DistContext, barrier
+from .optim.sharded_average import copy_flat_into
 from .errors import CheckpointError
 
 BEST = "best"
 STEP_TAG = re.compile(r"^step_(\d+)$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+AVERAGE_FILE = "averaged.pt"  # the NT-ASGD state: whole average, independent of the world size
 
 
 def step_tag(step: int) -> str:
@@ -60,15 +62,32 @@ def resolve_tag(ckpt_dir: Path, which: str) -> str:
     return tag
 
 
+def _load_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({type(e).__name__}); it is corrupt or truncated: "
+                              "use an earlier checkpoint or start a new run") from None
+
+
 def read_client_state(ckpt_dir: Path, tag: str) -> dict:
     """The client state saved by DeepSpeed, read without an engine (to validate before loading)."""
-    path = ckpt_dir / tag / MODEL_STATES
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or truncated: "
-                              "resume from an earlier tag or start a new run") from None
+    state = _load_file(ckpt_dir / tag / MODEL_STATES)
     return {k: v for k, v in state.items() if k in ("trainer", "recipe", "signature")}
+
+
+def load_weights(module: torch.nn.Module, ckpt_dir: Path, tag: str) -> None:
+    """The weights a checkpoint stands for, into a bare module (before DeepSpeed wraps it, so any ZeRO
+    stage starts from them): its saved module, with the iterate average swapped in when it kept one."""
+    module.load_state_dict(_load_file(ckpt_dir / tag / MODEL_STATES)["module"])
+    average = read_average_state(ckpt_dir, tag)
+    if average is not None and average.get("average") is not None:
+        copy_flat_into(module, average["average"])
+
+
+def read_average_state(ckpt_dir: Path, tag: str) -> dict | None:
+    path = ckpt_dir / tag / AVERAGE_FILE
+    return _load_file(path) if path.is_file() else None
 
 
 class Checkpointer:
@@ -78,10 +97,15 @@ class Checkpointer:
         self.ctx = ctx
         self.keep_last = keep_last
 
-    def save(self, tag: str, client_state: dict, rank_state: dict, save_latest: bool = True) -> Path:
+    def save(self, tag: str, client_state: dict, rank_state: dict, save_latest: bool = True,
+             shared: dict[str, dict] | None = None) -> Path:
+        """``shared`` files (name -> object) are the same on every rank and written once, by rank 0."""
         tag_dir = self.dir / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(rank_state, rank_file(tag_dir, self.ctx.rank))
+        if self.ctx.is_main:
+            for name, obj in (shared or {}).items():
+                _atomic_torch_save(obj, tag_dir / name)
         barrier(self.ctx)
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=save_latest)
         if self.ctx.is_main and save_latest:

@@ -38,6 +38,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--checkpoint", default="best", help="best, latest or a checkpoint tag")
+    p.add_argument("--pointer", action="store_true", help="with the continuous cache pointer (language models)")
     _add_common(p)
     return p
 

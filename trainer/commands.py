@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .checkpoint import Checkpointer, check_signature, read_client_state, resolve_tag
+from .checkpoint import check_signature, load_weights, read_client_state, resolve_tag
 from .cli import require
 from .config import read_yaml, to_yaml
 from .registry import all_recipes, get_recipe
@@ -60,10 +60,10 @@ def evaluate(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     spec = get_recipe(_saved_recipe(run))
     cfg = spec.load_config([run.config], args.overrides)
+    mode = "pointer" if args.pointer else "standard"
+    require(mode in spec.factory.eval_modes, f"recipe {spec.name} has no {mode} evaluation; drop --{mode}")
     tag = resolve_tag(run.checkpoints, args.checkpoint)
     saved = read_client_state(run.checkpoints, tag)
-
-    import deepspeed
 
     from .distributed import init_distributed
     from .evaluation import evaluate_split
@@ -76,15 +76,16 @@ def evaluate(args: argparse.Namespace) -> int:
     recipe.setup()
     check_signature(recipe.checkpoint_signature(), saved, tag)
     seed_everything(cfg.seed)
-    engine, _, _, _ = deepspeed.initialize(model=recipe.build_model(),
-                                           config={"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**12})
-    Checkpointer(engine, run.checkpoints, ctx, keep_last=1).load(tag, module_only=True)
-    metrics = evaluate_split(recipe, engine.module, args.split, ctx)
+    model = recipe.build_model()
+    load_weights(model, run.checkpoints, tag)  # averaged weights where the run was averaging
+    model.to(ctx.device)
+    metrics = evaluate_split(recipe, model, args.split, ctx, mode)
     trainer = saved.get("trainer", {})
     step = trainer.get("step", 0)
     if ctx.is_main:
-        print(f"{args.split} [{tag}, step {step}, {ctx.world} rank(s)] " + " ".join(f"{k} {v:.6f}" for k, v in metrics.items()),
-              flush=True)
+        values = " ".join(f"{k} {v:.6f}" for k, v in metrics.items())
+        print(f"{args.split} [{tag}, step {step}, {mode}, {ctx.world} rank(s)] {values}", flush=True)
     Monitor(run, ctx).record(args.split, step, float(trainer.get("epoch", 0)), metrics,
-                             {"checkpoint": tag, "world": ctx.world, "source": "evaluate"}, tensorboard=False)
+                             {"checkpoint": tag, "world": ctx.world, "mode": mode, "source": "evaluate"},
+                             tensorboard=False)
     return 0

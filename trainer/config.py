@@ -37,6 +37,8 @@ class TrainConfig(Section):
     test_at_end: bool = Field(True, description="evaluate the best checkpoint on the test split at the end")
     progress: bool = True
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed config")
+    init_from: str | None = Field(None, description="start from the weights of this run directory's checkpoint")
+    init_checkpoint: str = Field("best", description="which checkpoint of init_from: best, latest or a tag")
 
 
 class DataConfig(Section):
@@ -52,6 +54,10 @@ class DataConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(..., gt=0)
     clip: float = Field(0.0, ge=0, description="global gradient-norm clip; 0 = off")
+    averaging: Literal["none", "nt_asgd"] = Field("none", description="iterate averaging (NT-ASGD)")
+    nonmono: int = Field(5, ge=1, description="NT-ASGD: evaluations excluded from the best it compares against")
+    t0: int = Field(0, ge=0, description="NT-ASGD: average from this optimizer step whatever the trigger; 0 = trigger")
+    stop_on_nonmono: bool = Field(False, description="stop when the trigger fires while averaging (fine-tuning)")
 
 
 class RecipeConfig(Section):
@@ -145,6 +151,16 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config, with ``_base_: other.yaml`` (relative to it) merged underneath."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return deep_merge(read_config_file(path.parent / base), data)
 
 
 def build_config(model: type[RecipeConfig], layers: list[dict], overrides: list[str]) -> RecipeConfig:

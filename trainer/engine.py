@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,13 +14,14 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoint import (BEST, Checkpointer, check_signature, param_digest, read_client_state, read_latest_tag,
-                         step_tag)
+from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, load_weights, param_digest,
+                         read_average_state, read_client_state, read_latest_tag, resolve_tag, step_tag)
 from .config import RecipeConfig, deep_merge, to_yaml
 from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation import evaluate_split
 from .monitor import Monitor
+from .optim import build_averager
 from .recipe import BatchPlan, Recipe
 from .registry import RecipeSpec
 from .rng import capture_rng, restore_rng, seed_everything
@@ -87,6 +89,9 @@ class LoopState:
 class Trainer:
     def __init__(self, spec: RecipeSpec, cfg: RecipeConfig, ctx: DistContext, run_dir: RunDir, resume: bool):
         self.spec, self.cfg, self.ctx, self.run_dir = spec, cfg, ctx, run_dir
+        if spec.requires_init and not resume and not cfg.train.init_from:
+            raise ConfigError(f"recipe {spec.name} continues a trained run: pass --set train.init_from=RUN_DIR "
+                              f"(its '{cfg.train.init_checkpoint}' checkpoint is loaded)")
         self.plan = plan_batch(cfg.data.batch_size, ctx.world, cfg.train.micro_batch_size)
         self.precision = resolve_precision(cfg, spec.factory, ctx)
         self.recipe: Recipe = spec.factory(cfg, ctx, self.plan)
@@ -102,6 +107,8 @@ class Trainer:
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
         seed_everything(cfg.seed)  # identical initial weights whatever the world size
         model = self.recipe.build_model()
+        if cfg.train.init_from and not resume_tag:
+            self._init_weights(model, cfg.train.init_from, cfg.train.init_checkpoint)
         optimizer = self.recipe.build_optimizer(model)
         self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -113,6 +120,8 @@ class Trainer:
         seed_everything(cfg.seed + 1000003 * ctx.rank)  # independent dropout masks per rank
         self.monitor = Monitor(run_dir, ctx, self.engine.monitor)
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
+        self.averager = build_averager(cfg.optim, self.engine.module, ctx)
+        self._stop_requested = False
         if resume_tag:
             self._restore(resume_tag)
 
@@ -130,6 +139,13 @@ class Trainer:
                 f"and DeepSpeed cannot load it on {self.ctx.world}; resume with {trainer['world']} ranks"
             )
         check_signature(self.recipe.checkpoint_signature(), saved, tag)
+
+    def _init_weights(self, model: torch.nn.Module, source: str, which: str) -> None:
+        ckpt_dir = RunDir(source).checkpoints
+        tag = resolve_tag(ckpt_dir, which)
+        check_signature(self.recipe.checkpoint_signature(), read_client_state(ckpt_dir, tag), f"{source}:{tag}")
+        load_weights(model, ckpt_dir, tag)
+        log.info("initialized weights from %s checkpoint %s", source, tag)
 
     def _client_state(self) -> dict:
         return {
@@ -150,9 +166,12 @@ class Trainer:
     def save(self, tag: str | None = None) -> None:
         tag = tag or step_tag(self.state.step)
         best = tag == BEST
+        shared = {}
         if not best:
             self.state.last_ckpt_step = self.state.step
-        self.ckpt.save(tag, self._client_state(), self._rank_state(), save_latest=not best)
+            if self.averager is not None:  # 'best' holds the averaged weights themselves
+                shared[AVERAGE_FILE] = self.averager.state_dict()
+        self.ckpt.save(tag, self._client_state(), self._rank_state(), save_latest=not best, shared=shared)
         log.info("saved checkpoint %s at step %d", tag, self.state.step)
 
     def _restore(self, tag: str) -> None:
@@ -161,6 +180,10 @@ class Trainer:
             if hasattr(self.state, k):
                 setattr(self.state, k, v)
         self.recipe.load_state_dict(client.get("recipe", {}))
+        if self.averager is not None:
+            saved = read_average_state(self.ckpt.dir, tag)
+            if saved is not None:
+                self.averager.load_state_dict(saved)
         same_world = client["trainer"].get("world") == self.ctx.world
         if rank_state is not None and same_world:
             restore_rng(rank_state["rng"])
@@ -174,16 +197,32 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         return evaluate_split(self.recipe, self.engine.module, split, self.ctx)
 
+    def _averaged(self):
+        """Evaluate and keep 'best' with the averaged weights once averaging runs."""
+        return self.averager.swapped() if self.averager is not None else nullcontext()
+
     def _validate(self) -> None:
-        metrics = self.evaluate("valid")
         s = self.state
         s.last_eval_step = s.step
-        self.monitor.record("valid", s.step, self._epoch_progress(), metrics)
+        with self._averaged():
+            metrics = self.evaluate("valid")
+            score = metrics[self.recipe.best_metric]
+            improved = score < s.best
+            if improved:
+                s.best = score
+                self.save(BEST)
+        extra = {}
+        if self.averager is not None:
+            event = self.averager.observe(metrics["loss"], s.step)
+            if event == "start":
+                extra["asgd_start_step"] = self.averager.start_step
+                log.info("validation stopped improving: averaging (NT-ASGD) from step %d", self.averager.start_step)
+            elif event == "stop":
+                extra["stop"] = "nonmono"
+                self._stop_requested = True
+                log.info("validation stopped improving while averaging: stopping (optim.stop_on_nonmono)")
+        self.monitor.record("valid", s.step, self._epoch_progress(), metrics, extra)
         self.monitor.console(f"step {s.step} valid", metrics)
-        score = metrics[self.recipe.best_metric]
-        if score < s.best:
-            s.best = score
-            self.save(BEST)
 
     def _test_best(self) -> None:
         if not (self.run_dir.checkpoints / BEST).is_dir():
@@ -218,37 +257,51 @@ class Trainer:
         metrics = self.recipe.train_metrics(means)
         rate = {f"{self.recipe.unit}_per_s": units / elapsed}
         s = self.state
-        self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr}, rate)
-        self.monitor.scalars(s.step, {f"perf/{k}": v for k, v in rate.items()})
+        averaging = self.averager.scalars() if self.averager is not None else {}
+        extra = {**rate, **{k.replace("/", "_"): v for k, v in averaging.items()}}
+        if self.averager is not None and self.averager.start_step is not None:
+            extra["asgd_start_step"] = self.averager.start_step
+        self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr}, extra)
+        self.monitor.scalars(s.step, {**{f"perf/{k}": v for k, v in rate.items()}, **averaging})
         self.monitor.console(f"step {s.step} epoch {self._epoch_progress():.2f}", {**metrics, "lr": lr, **rate})
         if self._bar is not None:
             self._bar.set_postfix({k: _short(v) for k, v in {**metrics, **rate}.items()})
 
+    def _step(self, ts, window: dict) -> float:
+        """One optimizer step over the step's micro-batches; returns the scheduled learning rate."""
+        recipe, engine, s = self.recipe, self.engine, self.state
+        lr = self._set_lr(ts.lr_scale)
+        self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
+        for micro in ts.micro_batches:
+            out = recipe.micro_loss(engine, micro)
+            engine.backward(out.loss)
+            engine.step()
+            for k, v in out.metrics.items():
+                window[k] = window.get(k, 0.0) + v.detach().float()
+            window["_micro"] += 1
+        window["_units"] += ts.units
+        s.step += 1
+        s.steps_in_epoch += 1
+        s.position = ts.position
+        if self.averager is not None:
+            self.averager.after_step(s.step)
+        return lr
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return self._stop_requested or bool(max_steps and self.state.step >= max_steps)
+
     def fit(self) -> LoopState:
-        cfg, s, recipe, engine = self.cfg.train, self.state, self.recipe, self.engine
-        engine.module.train()
+        cfg, s = self.cfg.train, self.state
+        self.engine.module.train()
         window: dict = {}
         self._bar = None
         lr = self.cfg.optim.lr
-        stop = cfg.max_steps and s.step >= cfg.max_steps
-        while not stop and s.epoch < cfg.epochs:
+        while not self._done() and s.epoch < cfg.epochs:
             self._open_bar()
-            for ts in recipe.train_steps(s.epoch, s.position):
-                if not window:
-                    window = {"_t0": time.perf_counter(), "_micro": 0.0, "_units": 0.0}
-                lr = self._set_lr(ts.lr_scale)
-                self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
-                for micro in ts.micro_batches:
-                    out = recipe.micro_loss(engine, micro)
-                    engine.backward(out.loss)
-                    engine.step()
-                    for k, v in out.metrics.items():
-                        window[k] = window.get(k, 0.0) + v.detach().float()
-                    window["_micro"] += 1
-                window["_units"] += ts.units
-                s.step += 1
-                s.steps_in_epoch += 1
-                s.position = ts.position
+            for ts in self.recipe.train_steps(s.epoch, s.position):
+                window = window or {"_t0": time.perf_counter(), "_micro": 0.0, "_units": 0.0}
+                lr = self._step(ts, window)
                 if self._bar is not None:
                     self._bar.update(1)
                 if s.step % cfg.log_every == 0:
@@ -261,8 +314,7 @@ class Trainer:
                     self.save()
                 if window:  # throughput counts training time only
                     window["_t0"] += time.perf_counter() - paused
-                if cfg.max_steps and s.step >= cfg.max_steps:
-                    stop = True
+                if self._done():
                     break
             else:
                 s.epoch += 1

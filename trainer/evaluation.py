@@ -9,10 +9,11 @@ from .distributed import DistContext, all_reduce_sums
 from .recipe import Recipe
 
 
-def evaluate_split(recipe: Recipe, module: nn.Module, split: str, ctx: DistContext) -> dict[str, float]:
+def evaluate_split(recipe: Recipe, module: nn.Module, split: str, ctx: DistContext,
+                   mode: str = "standard") -> dict[str, float]:
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        sums = recipe.evaluate(module, split)
+        sums = recipe.evaluate(module, split, mode)
     module.train(was_training)
     return recipe.finalize_metrics(all_reduce_sums(sums, ctx))

@@ -49,6 +49,7 @@ class Recipe(ABC):
     unit: ClassVar[str] = "samples"  # "tokens" or "samples": names perf/<unit>_per_s
     best_metric: ClassVar[str] = "loss"  # lower is better on the validation split
     default_precision: ClassVar[str] = "bf16"  # what train.precision=auto means on a bf16-capable GPU
+    eval_modes: ClassVar[tuple[str, ...]] = ("standard",)  # launch/evaluate.py --pointer asks for "pointer"
 
     def __init__(self, cfg: RecipeConfig, ctx: DistContext, plan: BatchPlan):
         self.cfg = cfg
@@ -83,7 +84,7 @@ class Recipe(ABC):
         return {}
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, mode: str = "standard") -> dict[str, float]:
         """This rank's additive sums over its share of ``split`` (e.g. summed loss and count)."""
 
     @abstractmethod

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import RecipeConfig, build_config, read_yaml
+from .config import RecipeConfig, build_config, read_config_file
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "dsrecipes.recipes"
@@ -26,13 +26,15 @@ class RecipeSpec:
     factory: Callable  # a trainer.recipe.Recipe subclass
     config_file: Path
     description: str = ""
+    requires_init: bool = False  # continues a trained run: train.init_from must name one
 
     @property
     def config_model(self) -> type[RecipeConfig]:
         return self.factory.config_model
 
     def load_config(self, user_files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> RecipeConfig:
-        layers = [read_yaml(self.config_file)] + [read_yaml(f) for f in user_files] + [{"recipe": self.name}]
+        files = [self.config_file, *user_files]
+        layers = [read_config_file(f) for f in files] + [{"recipe": self.name}]
         return build_config(self.config_model, layers, list(overrides))
 
 

@@ -10,7 +10,13 @@ def recipe_specs():
 
     from .recipe import AWDLSTMRecipe
 
+    def spec(name, description, requires_init=False):
+        return RecipeSpec(name, AWDLSTMRecipe, CONFIGS / f"{name}.yaml", description, requires_init)
+
     return [
-        RecipeSpec("awd_ptb", AWDLSTMRecipe, CONFIGS / "awd_ptb.yaml",
-                   "AWD-LSTM on Penn Treebank, the paper's PTB command (24M params; 60.0/57.3 val/test ppl)"),
+        spec("awd_ptb", "AWD-LSTM on Penn Treebank with NT-ASGD, the paper's PTB command (24M params)"),
+        spec("awd_ptb_finetune", "fine-tune an awd_ptb run: averaging from the first step, stop when it stalls "
+             "(60.0/57.3 val/test ppl)", requires_init=True),
+        spec("awd_wt2", "AWD-LSTM on WikiText-2 with NT-ASGD, the paper's WT2 command (33M params)"),
+        spec("awd_wt2_finetune", "fine-tune an awd_wt2 run (68.6/65.8 val/test ppl)", requires_init=True),
     ]

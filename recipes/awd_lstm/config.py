@@ -38,6 +38,18 @@ class AWDOptimConfig(OptimConfig):
     lr: float = Field(30.0, gt=0)
     clip: float = Field(0.25, ge=0)
     wdecay: float = Field(1.2e-6, ge=0)
+    averaging: Literal["none", "nt_asgd"] = "nt_asgd"
+
+
+class PointerConfig(Section):
+    """The continuous cache pointer of launch/evaluate.py --pointer (defaults: the paper's PTB values)."""
+
+    window: int = Field(2000, ge=1)
+    lambdah: float = Field(0.1, ge=0.0, le=1.0, description="weight of the pointer distribution")
+    theta: float = Field(1.0, gt=0.0, description="inverse temperature of the pointer attention")
+    batch_size: int = Field(1, ge=1, description="streams evaluated side by side (the paper: 1)")
+    chunk: int = Field(5000, ge=1, description="positions scored at once (the paper's pointer bptt)")
+    skip_until_full: bool = Field(True, description="use the pointer only where the reference does")
 
 
 class AWDTrainConfig(TrainConfig):
@@ -50,3 +62,4 @@ class AWDConfig(RecipeConfig):
     data: AWDDataConfig
     model: AWDModelConfig
     optim: AWDOptimConfig
+    pointer: PointerConfig = Field(default_factory=PointerConfig)

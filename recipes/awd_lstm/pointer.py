@@ -53,9 +53,10 @@ def pointer_nll_sum(model: AWDLSTM, source: torch.Tensor, chunk: int, window: in
         ptr = (attn * hit).sum(-1).t()  # (T, B)
 
         use = (kept + t.squeeze(1) > window) if skip_until_full else has_keys
-        mixed = torch.log(lambdah * ptr + (1.0 - lambdah) * vocab_logp.exp())
+        vocab_logp = vocab_logp.double()
+        mixed = torch.log(lambdah * ptr.double() + (1.0 - lambdah) * vocab_logp.exp())
         token_logp = torch.where(use.unsqueeze(1), mixed, vocab_logp)
-        nll -= token_logp.double().sum()
+        nll -= token_logp.sum()
         tokens += targets.numel()
 
         keys = all_keys[-window:]

@@ -19,6 +19,7 @@ from trainer.recipe import MicroResult, Recipe, TrainStep
 from .config import AWDConfig
 from .corpus import PTB, WIKITEXT2, BpttSampler, Corpus, batchify, eval_columns, get_batch, rank_columns
 from .model import AWDLSTM
+from .pointer import pointer_nll_sum
 
 DATASETS = {"ptb": PTB, "wikitext-2": WIKITEXT2}
 
@@ -27,6 +28,7 @@ class AWDLSTMRecipe(Recipe):
     config_model = AWDConfig
     unit = "tokens"
     default_precision = "fp32"  # the paper's numbers are fp32; SGD at lr 30 is not bf16-safe
+    eval_modes = ("standard", "pointer")
 
     cfg: AWDConfig
 
@@ -82,20 +84,27 @@ class AWDLSTMRecipe(Recipe):
         loss, ce = model.loss(out, targets, self.cfg.model.alpha, self.cfg.model.beta)
         return MicroResult(loss, {"loss": ce})
 
-    def _eval_stream(self, split: str) -> torch.Tensor:
-        """This rank's columns of the split, batchified at the paper's evaluation batch size."""
-        if split not in self._eval_cache:
-            bsz = self.cfg.data.eval_batch_size if split == "valid" else self.cfg.data.test_batch_size
+    def _eval_stream(self, split: str, bsz: int) -> torch.Tensor:
+        """This rank's columns of the split batchified at ``bsz`` (the paper: 10 for valid, 1 for test)."""
+        key = f"{split}/{bsz}"
+        if key not in self._eval_cache:
             cols = eval_columns(bsz, self.ctx.rank, self.ctx.world)
             stream = batchify(getattr(self.corpus, split), bsz)
-            self._eval_cache[split] = stream[:, cols.start:cols.stop].to(self.ctx.device)
-        return self._eval_cache[split]
+            self._eval_cache[key] = stream[:, cols.start:cols.stop].to(self.ctx.device)
+        return self._eval_cache[key]
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        src = self._eval_stream(split)
-        nll = torch.zeros((), dtype=torch.float64, device=src.device)
+    def evaluate(self, model: nn.Module, split: str, mode: str = "standard") -> dict[str, float]:
+        d, p = self.cfg.data, self.cfg.pointer
+        if mode == "pointer":
+            src = self._eval_stream(split, p.batch_size)
+            if src.size(1) == 0:
+                return {"nll": 0.0, "tokens": 0.0}
+            nll, tokens = pointer_nll_sum(model, src, p.chunk, p.window, p.theta, p.lambdah, p.skip_until_full)
+            return {"nll": nll, "tokens": float(tokens)}
+        src = self._eval_stream(split, d.eval_batch_size if split == "valid" else d.test_batch_size)
         if src.size(1) == 0:
             return {"nll": 0.0, "tokens": 0.0}
+        nll = torch.zeros((), dtype=torch.float64, device=src.device)
         bptt = self.cfg.data.bptt
         hidden = model.init_hidden(src.size(1))
         for i in range(0, src.size(0) - 1, bptt):

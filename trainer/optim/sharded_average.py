@@ -77,10 +77,22 @@ class ShardedAverage:
             raise ValueError(f"averaged state has {flat.numel()} values, the model {self.total}")
         self.buffer.copy_(flat[self.lo:self.hi].to(self.buffer.device))
 
-    @torch.no_grad()
     def copy_into_params(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        copy_flat_into_params(self.params, flat)
+
+
+@torch.no_grad()
+def copy_flat_into_params(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def copy_flat_into(module: nn.Module, flat: torch.Tensor) -> None:
+    """Load a flat vector laid out in the module's canonical parameter order (see ShardedAverage)."""
+    params = [p for _, p in module.named_parameters()]
+    if flat.numel() != sum(p.numel() for p in params):
+        raise ValueError(f"averaged state has {flat.numel()} values, the model {sum(p.numel() for p in params)}")
+    copy_flat_into_params(params, flat)
 
