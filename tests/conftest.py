@@ -29,6 +29,8 @@ def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, e
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # DeepSpeed's op builder must find the venv's ninja, not an older system one: mixing them rebuilds the op.
+    full_env["PATH"] = os.pathsep.join([str(BIN), full_env.get("PATH", "")])
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
