@@ -48,8 +48,8 @@ def main() -> int:
     print()
     print(markdown_table(
         ["ranks", "steps", "valid ppl", "valid loss", "wall s (launch to exit)", "s to end-of-epoch valid",
-         "tokens/s (median)"],
-        [[args.ranks, v["step"], v["ppl"], v["loss"], run.wall_s, v["time"], median(rates)]]))
+         "tokens/s (median)", "cores used"],
+        [[args.ranks, v["step"], v["ppl"], v["loss"], run.wall_s, v["time"], median(rates), run.cores_used]]))
     print(f"run directory: {run.run_dir}" if args.keep else "")
     if not args.keep:
         cleanup(root)

@@ -67,7 +67,8 @@ def main() -> int:
                 run = run_training(ranks, run_dir / "run", sets, threads)
                 w = windows(run, log_every)
                 results.setdefault((shape, label), []).extend(w)
-                print(f"round {r + 1} {shape:5s} {label:16s} wall {run.wall_s:5.0f} s  tokens/s "
+                print(f"round {r + 1} {shape:5s} {label:16s} wall {run.wall_s:4.0f} s  cores used "
+                      f"{run.cores_used:.2f}  load {run.load_avg:.1f}  tokens/s "
                       + " ".join(f"{t:.0f}" for t, _ in w), flush=True)
                 if r == 0:
                     print("   ", ("OMP_NUM_THREADS=1 " if threads else "") + shell_line(run.cmd), flush=True)

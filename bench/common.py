@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -83,7 +84,10 @@ class Run:
     proc: subprocess.Popen
     log_path: Path
     t0: float
+    cpu0: float
     wall_s: float = float("nan")
+    cores_used: float = float("nan")  # CPU seconds of the run / wall seconds: < its thread count = contention
+    load_avg: float = float("nan")  # 1-minute load average when it ended
 
     def wait(self, poll_s: float | None = None, report=None) -> "Run":
         """Block until the run ends; with ``poll_s``, call ``report(self)`` between polls."""
@@ -95,6 +99,8 @@ class Run:
                 if report:
                     report(self)
         self.wall_s = time.perf_counter() - self.t0
+        self.cores_used = (_children_cpu_s() - self.cpu0) / self.wall_s
+        self.load_avg = os.getloadavg()[0]
         if self.proc.returncode != 0:
             tail = self.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"run failed (rc {self.proc.returncode}): {shell_line(self.cmd)}\n{tail}")
@@ -112,7 +118,13 @@ def start_run(ranks: int, run_dir: Path, sets: list[str], threads: int | None = 
     log_path = run_dir.with_suffix(".log")
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Run(ranks, run_dir, cmd, proc, log_path, time.perf_counter())
+    return Run(ranks, run_dir, cmd, proc, log_path, time.perf_counter(), _children_cpu_s())
+
+
+def _children_cpu_s() -> float:
+    """CPU time of reaped child processes; runs are sequential, so a delta is one run's (all ranks)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_training(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> Run:

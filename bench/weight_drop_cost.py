@@ -4,12 +4,12 @@
 Forward+backward of the paper's 3-layer stack (400->1150, 1150->1150, 1150->400; T=70) in train
 mode, for batch 10 (per rank at 2 ranks) and 20 (1 rank):
 
-  wdrop     WeightDropLSTM, weight_drop=0.5 (what training runs)
-  no-wdrop  the same modules with weight_drop=0 (same parameters, same fused op, no mask)
-  nn.LSTM   torch.nn.LSTM layers holding copies of the same weights
-  candidate weight_drop=0.5 with the keep-mask cut from 16-bit random words (four per int64
-            random_ draw) instead of F.dropout's per-element bernoulli_, built outside autograd
-            (a proposed fix, measured here only; the trainer is unchanged)
+  wdrop      WeightDropLSTM, weight_drop=0.5 (what training runs: DropConnectMask, 16-bit draws
+             thresholded into a reused buffer)
+  no-wdrop   the same modules with weight_drop=0 (same parameters, same fused op, no mask)
+  nn.LSTM    torch.nn.LSTM layers holding copies of the same weights
+  F.dropout  the same layers with weight_hh masked by F.dropout (per-element bernoulli_, a fresh
+             mask each step: the usual way, and this project's first implementation)
 
 Variants run interleaved in rounds (A, B, C, D, A, B, C, D, ...) after warm-up rounds; ratios are
 the median of the per-round ratios, so slow drift in the shared machine's load cancels. The issue's
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,21 +41,11 @@ RATE = 0.5
 BUDGET = 0.05
 
 
-def keep_mask(w: torch.Tensor, rate: float) -> torch.Tensor:
-    """Scaled DropConnect mask at a quarter of the RNG calls: CPU bernoulli_ draws one random number
-    per element (~14 ns each here), which is what makes F.dropout on an 11M-element weight_hh
-    expensive. Keep-probability resolution is 2**-16 (exact for 0.5); the random stream differs."""
-    words = torch.empty((w.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
-    u16 = words.view(torch.int16)[: w.numel()].view(w.shape)  # uniform on [-32768, 32767]
-    return u16.ge(round(rate * 65536) - 32768).to(w.dtype).mul_(1.0 / (1.0 - rate))
-
-
-def rand_mask_forward(layer: WeightDropLSTM, x: torch.Tensor, rate: float):
-    """The candidate's layer forward: the mask is built outside autograd, so backward is one multiply."""
-    with torch.no_grad():
-        mask = keep_mask(layer.weight_hh, rate)
+def f_dropout_forward(layer: WeightDropLSTM, x: torch.Tensor, rate: float):
+    """The layer's forward with the mask from F.dropout instead of DropConnectMask."""
     zeros = x.new_zeros(1, x.size(1), layer.hidden_size)
-    out, _, _ = wd._lstm(x, (zeros, zeros), [layer.weight_ih, layer.weight_hh * mask, layer.bias_ih, layer.bias_hh],
+    w_hh = F.dropout(layer.weight_hh, p=rate, training=True)
+    out, _, _ = wd._lstm(x, (zeros, zeros), [layer.weight_ih, w_hh, layer.bias_ih, layer.bias_hh],
                          True, 1, 0.0, True, False, False)
     return out
 
@@ -79,7 +70,7 @@ class Stacks:
             elif variant == "nn.LSTM":
                 x, _ = ref(x)
             else:
-                x = rand_mask_forward(wdl, x, RATE)
+                x = f_dropout_forward(wdl, x, RATE)
         return x
 
     def step(self, variant: str, x: torch.Tensor, grad: torch.Tensor) -> float:
@@ -116,11 +107,11 @@ def main() -> int:
     ap.add_argument("--batches", default="10,20")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-candidate", action="store_true", help="skip the rand-mask candidate")
+    ap.add_argument("--no-f-dropout", action="store_true", help="skip the F.dropout variant")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    variants = ["wdrop", "no-wdrop", "nn.LSTM"] + ([] if args.no_candidate else ["candidate"])
+    variants = ["wdrop", "no-wdrop", "nn.LSTM"] + ([] if args.no_f_dropout else ["F.dropout"])
     print(machine_line(), f"| torch.set_num_threads({args.threads}) | T={T} rate={RATE}", flush=True)
     stacks = Stacks()
     stacks.check_same_math()
@@ -142,14 +133,14 @@ def main() -> int:
 
         ratio = paired("wdrop", "no-wdrop")
         row = [batch, *(1e3 * median(times[v]) for v in variants), ratio, paired("wdrop", "nn.LSTM")]
-        if "candidate" in times:
-            row.append(paired("candidate", "no-wdrop"))
+        if "F.dropout" in times:
+            row.append(paired("F.dropout", "no-wdrop"))
         rows.append(row)
         verdicts.append((batch, ratio))
 
     headers = ["batch", *(f"{v} ms" for v in variants), "wdrop/no-wdrop", "wdrop/nn.LSTM"]
-    if not args.no_candidate:
-        headers.append("candidate/no-wdrop")
+    if not args.no_f_dropout:
+        headers.append("F.dropout/no-wdrop")
     print()
     print(markdown_table(headers, rows))
     print()

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.regularizers import (
@@ -11,6 +10,7 @@ from trainer.regularizers import (
     embedding_dropout,
     temporal_activation_regularization,
 )
+from trainer.regularizers.dropconnect import DropConnectMask, quantized_keep
 
 
 def _reference_lstm(m: WeightDropLSTM) -> nn.LSTM:
@@ -110,7 +110,7 @@ def test_weight_drop_single_mask_for_all_steps():
     out, (h, c) = m(x, hx)
     # Recover the mask by replaying the RNG; forward draws nothing else.
     torch.manual_seed(123)
-    w_hh = F.dropout(m.weight_hh.detach(), p=p, training=True)
+    w_hh = m.weight_hh.detach() * DropConnectMask().mask(m.weight_hh, p)
     assert (w_hh == 0).any() and (w_hh != 0).any()
     with torch.no_grad():
         mout, (mh, mc) = _manual_lstm(x, hx, m.weight_ih, w_hh, m.bias_ih, m.bias_hh)
@@ -128,7 +128,7 @@ def test_weight_drop_gradients_reach_weight_hh_through_mask():
     out, _ = m(x, _zeros(2, 5))
     out.pow(2).sum().backward()
     torch.manual_seed(7)
-    mask = F.dropout(torch.ones_like(m.weight_hh), p=p, training=True)
+    mask = DropConnectMask().mask(m.weight_hh, p)
     g = m.weight_hh.grad
     assert g is not None
     assert g[mask != 0].abs().sum() > 0
@@ -150,6 +150,77 @@ def test_weight_drop_forward_override_and_attribute():
     m.weight_drop = 0.7
     assert not torch.allclose(m(x, _zeros(2, 8))[0], expected)
     torch.testing.assert_close(m(x, _zeros(2, 8), weight_drop=0.0)[0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rate", [0.5, 0.3, 0.9])
+def test_dropconnect_mask_drops_at_the_rate_and_is_unbiased(dtype, rate):
+    torch.manual_seed(0)
+    w = torch.empty(700, 1001, dtype=dtype)  # odd size: the 16-bit draws do not fill the last 64-bit word
+    mask = DropConnectMask().mask(w, rate)
+    assert mask.dtype == dtype and mask.shape == w.shape
+    _, keep = quantized_keep(rate)
+    values = set(mask.unique().tolist())
+    assert values == {0.0, torch.tensor(1 / keep, dtype=dtype).item()}
+    n = w.numel()
+    dropped = (mask == 0).sum().item() / n
+    sigma = (rate * (1 - rate) / n) ** 0.5
+    assert abs(dropped - rate) < 5 * sigma, (dropped, rate)
+    if dtype in (torch.float32, torch.float64):  # the scale is exact there: mean 1 up to sampling noise
+        assert abs(mask.double().mean().item() - 1) < 5 * sigma / keep
+
+
+def test_dropconnect_mask_is_fresh_each_call_and_follows_the_torch_seed():
+    w = torch.empty(64, 64)
+    gen = DropConnectMask()
+    torch.manual_seed(3)
+    a = gen.mask(w, 0.5).clone()
+    b = gen.mask(w, 0.5).clone()
+    assert not torch.equal(a, b)
+    torch.manual_seed(3)
+    torch.testing.assert_close(DropConnectMask().mask(w, 0.5), a)
+    rows = (a == 0).float()
+    assert not torch.equal(rows[0], rows[1])  # elementwise, not row-wise
+
+
+def test_dropconnect_mask_rates_at_the_edges():
+    w = torch.empty(10, 10)
+    assert DropConnectMask().mask(w, 0.0) is None
+    assert DropConnectMask()(w, 1e-7) is w  # below 2**-17 rounds to dropping nothing
+    with pytest.raises(ValueError, match="below 1"):
+        DropConnectMask()(w, 1.0)
+    assert quantized_keep(0.25) == (16384, 0.75)
+
+
+def test_masked_weight_and_its_gradient_over_repeated_steps():
+    torch.manual_seed(0)
+    w = torch.randn(33, 17, requires_grad=True)
+    upstream = torch.randn(33, 17)
+    drop = DropConnectMask()
+    for _ in range(3):  # the buffers are reused: each step must stand on its own
+        w.grad = None
+        state = torch.get_rng_state()
+        masked = drop(w, 0.4)
+        torch.set_rng_state(state)
+        mask = DropConnectMask().mask(w, 0.4)
+        torch.testing.assert_close(masked, w.detach() * mask)
+        (masked * upstream).sum().backward()
+        torch.testing.assert_close(w.grad, upstream * mask)
+
+    def seeded(x):
+        torch.manual_seed(5)
+        return drop(x, 0.5)
+
+    assert torch.autograd.gradcheck(seeded, (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_backward_through_a_redrawn_mask_raises_instead_of_using_the_new_one():
+    m = WeightDropLSTM(3, 5, weight_drop=0.5).train()
+    x = torch.randn(4, 2, 3)
+    out1, _ = m(x)
+    m(x)  # a second forward redraws the shared mask before the first backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out1.sum().backward()
 
 
 # ---------------------------------------------------------------- LockedDropout
