@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Tokens/s of the continuous cache pointer evaluation against plain evaluation, side by side.
+
+On PTB's validation split, in one process (as ``launch/evaluate.py`` runs on 1 rank), with the
+recipe's own ``evaluate``: plain at batch 10 (what training's validation uses), plain at batch 1
+and the pointer at batch 1 with the paper's window 2000 (the paper evaluates the pointer on one
+stream). Then the batched pointer against the one-token-at-a-time loop of the reference code
+(``tests/test_pointer.py``'s oracle) on the first ``--ref-tokens`` tokens, where both must give the
+same NLL. Speed does not depend on the weights, so the model is freshly initialised; the
+perplexities printed are those of an untrained model.
+
+    python bench/pointer_eval.py [--shape paper|small] [--rounds 2] [--ref-tokens 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import DATA_ROOT, PAPER, SMALL, machine_line, markdown_table, median, overrides  # noqa: E402
+from recipes.awd_lstm.corpus import batchify  # noqa: E402
+from recipes.awd_lstm.pointer import pointer_nll_sum  # noqa: E402
+from tests.test_pointer import reference_nll  # noqa: E402
+from trainer.distributed import DistContext  # noqa: E402
+from trainer.registry import get_recipe  # noqa: E402
+
+
+def build(shape: dict, eval_batch: int):
+    spec = get_recipe("awd_ptb")
+    cfg = spec.load_config([], overrides({"data.root": DATA_ROOT, "data.eval_batch_size": eval_batch}, shape))
+    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cpu")), None)
+    recipe.setup()
+    return recipe
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["paper", "small"], default="paper")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ref-tokens", type=int, default=3000)
+    ap.add_argument("--ref-window", type=int, default=500)
+    args = ap.parse_args()
+    print(machine_line(), f"| torch threads {torch.get_num_threads()} | shape {args.shape}", flush=True)
+    shape = PAPER if args.shape == "paper" else SMALL
+
+    recipes = {"plain, batch 10": (build(shape, 10), "standard"), "plain, batch 1": (build(shape, 1), "standard"),
+               "pointer, batch 1, window 2000": (build(shape, 10), "pointer")}
+    torch.manual_seed(0)
+    model = next(iter(recipes.values()))[0].build_model().eval()
+    times: dict[str, list[float]] = {k: [] for k in recipes}
+    ppl: dict[str, float] = {}
+    ntok: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for label, (recipe, mode) in recipes.items():
+                t0 = time.perf_counter()
+                sums = recipe.evaluate(model, "valid", mode)
+                times[label].append(time.perf_counter() - t0)
+                ppl[label] = math.exp(sums["nll"] / sums["tokens"])
+                ntok[label] = sums["tokens"]
+                print(f"{label:30s} {times[label][-1]:7.1f} s  {ntok[label] / times[label][-1]:8.0f} tokens/s",
+                      flush=True)
+    rate = {label: ntok[label] / median(t) for label, t in times.items()}
+    rows = [[label, f"{ntok[label]:,.0f}", median(t), rate[label], rate[label] / rate["plain, batch 1"], ppl[label]]
+            for label, t in times.items()]
+    print()
+    print(markdown_table(["valid split", "tokens", "s (median)", "tokens/s", "vs plain batch 1", "ppl (untrained)"],
+                         rows))
+
+    # the batched pointer against the reference's per-token loop, same slice, same settings
+    recipe = recipes["plain, batch 1"][0]
+    source = batchify(recipe.corpus.valid, 1)[: args.ref_tokens + 1]
+    p = recipe.cfg.pointer
+    w = args.ref_window
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fast, n = pointer_nll_sum(model, source, p.chunk, w, p.theta, p.lambdah)
+        t_fast = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        slow = reference_nll(model, source, p.chunk, w, p.theta, p.lambdah)  # the paper's pointer.py: bptt 5000
+        t_slow = time.perf_counter() - t0
+    print()
+    print(markdown_table(
+        [f"first {n:,} valid tokens, window {w}", "s", "tokens/s", "speed-up", "NLL sum"],
+        [[f"reference loop (chunk {p.chunk}, per-token Python)", t_slow, n / t_slow, 1.0, slow],
+         [f"batched (chunk {p.chunk})", t_fast, n / t_fast, t_slow / t_fast, fast]]))
+    same = math.isclose(fast, slow, rel_tol=1e-5)
+    print(f"\n{'same' if same else 'DIFFERENT'} NLL (rel. difference {abs(fast - slow) / abs(slow):.1e})")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
