@@ -36,7 +36,8 @@ def train_parser() -> argparse.ArgumentParser:
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/evaluate.py", description="Evaluate a run's checkpoint.")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--split", choices=["valid", "test"], default=None,
+                   help="default: the recipe's reported split (test for language models, valid for ImageNet)")
     p.add_argument("--checkpoint", default="best", help="best, latest or a checkpoint tag")
     p.add_argument("--pointer", action="store_true", help="with the continuous cache pointer (language models)")
     _add_common(p)

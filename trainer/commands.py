@@ -51,8 +51,9 @@ def train(args: argparse.Namespace) -> int:
     args.run_dir = str(run.path)  # crash logs go to the run
     log.info("run %s: recipe %s on %d rank(s)", run.path, spec.name, ctx.world)
     state = Trainer(spec, cfg, ctx, run, resume=args.resume).fit()
-    log.info("done: %d steps, best valid %s %.4f; run directory %s", state.step, spec.factory.best_metric,
-             state.best, run.path)
+    best = "none" if state.best is None else f"{state.best:.4f}"
+    log.info("done: %d steps, best valid %s %s; run directory %s", state.step, spec.factory.best_metric, best,
+             run.path)
     return 0
 
 
@@ -61,6 +62,7 @@ def evaluate(args: argparse.Namespace) -> int:
     spec = get_recipe(_saved_recipe(run))
     cfg = spec.load_config([run.config], args.overrides)
     mode = "pointer" if args.pointer else "standard"
+    split = args.split or spec.factory.report_split
     require(mode in spec.factory.eval_modes, f"recipe {spec.name} has no {mode} evaluation; drop --{mode}")
     tag = resolve_tag(run.checkpoints, args.checkpoint)
     saved = read_client_state(run.checkpoints, tag)
@@ -79,13 +81,13 @@ def evaluate(args: argparse.Namespace) -> int:
     model = recipe.build_model()
     load_weights(model, run.checkpoints, tag)  # averaged weights where the run was averaging
     model.to(ctx.device)
-    metrics = evaluate_split(recipe, model, args.split, ctx, mode)
+    metrics = evaluate_split(recipe, model, split, ctx, mode)
     trainer = saved.get("trainer", {})
     step = trainer.get("step", 0)
     if ctx.is_main:
         values = " ".join(f"{k} {v:.6f}" for k, v in metrics.items())
-        print(f"{args.split} [{tag}, step {step}, {mode}, {ctx.world} rank(s)] {values}", flush=True)
-    Monitor(run, ctx).record(args.split, step, float(trainer.get("epoch", 0)), metrics,
+        print(f"{split} [{tag}, step {step}, {mode}, {ctx.world} rank(s)] {values}", flush=True)
+    Monitor(run, ctx).record(split, step, float(trainer.get("epoch", 0)), metrics,
                              {"checkpoint": tag, "world": ctx.world, "mode": mode, "source": "evaluate"},
                              tensorboard=False)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,13 @@ def _format_validation_error(err: ValidationError) -> str:
             parts.append(f"unknown key '{key}'")
         elif e["type"] == "missing":
             parts.append(f"'{key}' is required")
+        elif e["type"] == "value_error":  # a validator's own message already names the keys
+            msg = e["msg"].removeprefix("Value error, ")
+            if key and re.match(r"^\w+: ", msg):  # "schedule: ..." from the section's validator
+                msg = f"{key}.{msg}"
+            elif key and not msg.startswith(key):
+                msg = f"{key}: {msg}"
+            parts.append(msg)
         else:
             parts.append(f"{key}: {e['msg'].lower()} (got {e.get('input')!r})")
     return "; ".join(parts)

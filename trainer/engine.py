@@ -81,7 +81,7 @@ class LoopState:
     epoch: int = 0  # epochs completed
     steps_in_epoch: int = 0
     position: Any = None  # the recipe's data position within the current epoch
-    best: float = math.inf
+    best: float | None = None  # the best validation value of the recipe's best_metric so far
     last_eval_step: int = -1
     last_ckpt_step: int = -1
 
@@ -207,7 +207,7 @@ class Trainer:
         with self._averaged():
             metrics = self.evaluate("valid")
             score = metrics[self.recipe.best_metric]
-            improved = score < s.best
+            improved = self.recipe.improves(score, s.best)
             if improved:
                 s.best = score
                 self.save(BEST)

@@ -6,6 +6,8 @@ a recipe owns its model, data order, loss and metrics. Nothing recipe-specific l
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -47,7 +49,9 @@ class MicroResult:
 class Recipe(ABC):
     config_model: ClassVar[type[RecipeConfig]]
     unit: ClassVar[str] = "samples"  # "tokens" or "samples": names perf/<unit>_per_s
-    best_metric: ClassVar[str] = "loss"  # lower is better on the validation split
+    best_metric: ClassVar[str] = "loss"  # the validation metric that picks the 'best' checkpoint
+    best_mode: ClassVar[str] = "min"  # "min": lower is better; "max": higher (accuracy)
+    report_split: ClassVar[str] = "test"  # what launch/evaluate.py evaluates without --split
     default_precision: ClassVar[str] = "bf16"  # what train.precision=auto means on a bf16-capable GPU
     eval_modes: ClassVar[tuple[str, ...]] = ("standard",)  # launch/evaluate.py --pointer asks for "pointer"
 
@@ -78,6 +82,13 @@ class Recipe(ABC):
 
     @abstractmethod
     def micro_loss(self, engine, micro: Any) -> MicroResult: ...
+
+    @classmethod
+    def improves(cls, score: float, best: float | None) -> bool:
+        """Whether a validation ``score`` beats the ``best`` so far (None: nothing yet)."""
+        if best is None or (isinstance(best, float) and math.isinf(best)):  # inf: written before best_mode
+            return True
+        return score > best if cls.best_mode == "max" else score < best
 
     def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
         """Hook before every optimizer step (schedules); returns scalars to log."""
