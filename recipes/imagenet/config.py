@@ -1,0 +1,77 @@
+"""The ImageNet recipes' config: the "Dropout Reduces Underfitting" basic recipe, typed and bounded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
+from trainer.schedules import DropConfig
+
+
+class ImageModelConfig(Section):
+    name: str = Field("vit_tiny_patch16_224", description="any timm model name")
+    num_classes: int = Field(0, ge=0, description="0 = the number of classes found in the data")
+    pretrained: bool = False
+    channels_last: bool = Field(True, description="channels-last memory format on GPU")
+    kwargs: dict = Field(default_factory=dict, description="extra keyword arguments for timm.create_model")
+
+
+class ImageDataConfig(DataConfig):
+    batch_size: int = Field(4096, ge=1)
+    format: Literal["folder", "wds", "synthetic"] = Field(
+        "folder", description="ImageFolder layout, WebDataset tar shards, or random tensors (to benchmark)")
+    train_shards: str | None = Field(None, description="wds: brace pattern of training shards, relative to root")
+    val_shards: str | None = Field(None, description="wds: brace pattern of validation shards, relative to root")
+    train_size: int = Field(0, ge=0, description="wds, synthetic: training images (sets the epoch length)")
+    image_size: int = Field(224, ge=8, description="input size; the model is built for it")
+    eval_batch_size: int = Field(0, ge=0, description="global; 0 = 1.5x the training batch")
+    workers: int = Field(-1, ge=-1, description="loader processes per rank; -1 = min(8, cores per rank)")
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = Field(0.4, ge=0.0)
+    reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
+    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    mixup: float = Field(0.8, ge=0.0, description="mixup alpha; 0 = off")
+    cutmix: float = Field(1.0, ge=0.0, description="cutmix alpha; 0 = off")
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing")
+
+
+class ImageOptimConfig(OptimConfig):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(4e-3, gt=0)
+    lr_batch: int = Field(4096, ge=1, description="optim.lr is for this global batch; scaled linearly with it")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(50, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    clip: float = Field(0.0, ge=0, description="global gradient-norm clip; 0 = off (the paper)")
+
+
+class ImageTrainConfig(TrainConfig):
+    epochs: int = Field(300, ge=1)
+    log_every: int = 100
+
+
+class ImageNetConfig(RecipeConfig):
+    seed: int = 0
+    train: ImageTrainConfig
+    data: ImageDataConfig
+    model: ImageModelConfig
+    optim: ImageOptimConfig
+    drop: DropConfig = Field(default_factory=DropConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageNetConfig":
+        if self.data.format == "wds" and not (self.data.train_shards and self.data.val_shards and self.data.train_size):
+            raise ValueError("data.format wds needs data.train_shards, data.val_shards and data.train_size")
+        if self.data.format == "synthetic" and not (self.data.train_size and self.model.num_classes):
+            raise ValueError("data.format synthetic needs data.train_size and model.num_classes")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr {self.optim.min_lr} is above optim.lr {self.optim.lr}")
+        return self

@@ -1,0 +1,230 @@
+"""ImageNet classification with timm models and early / late dropout and stochastic depth (Liu et al. 2023).
+
+The drop rates follow per-step schedules (``trainer/schedules``) applied to the live model before every
+optimizer step; the models are built with every drop-path slot present so that blocks created at rate 0
+still take later rates. Training uses timm's transforms, mixup / cutmix and losses; evaluation sums loss
+and top-1 / top-5 hits over each rank's disjoint share of the validation images, so the reduced numbers
+are exact at any world size.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import ConfigError, DataError
+from trainer.recipe import MicroResult, Recipe, TrainStep
+from trainer.schedules import current_rates, prepare_drop_path, set_drop_path, set_dropout
+
+from .config import ImageNetConfig
+from .data import SyntheticSplit, build_transforms, eval_loader, open_split, train_loader
+
+log = logging.getLogger(__name__)
+
+
+class ImageNetRecipe(Recipe):
+    config_model = ImageNetConfig
+    unit = "samples"
+    best_metric = "top1"
+    best_mode = "max"
+    report_split = "valid"  # ImageNet's labelled test set is not public: validation is what papers report
+    default_precision = "bf16"
+
+    cfg: ImageNetConfig
+
+    # ------------------------------------------------------------------ data
+    def setup(self) -> None:
+        d = self.cfg.data
+        workers = None if d.workers < 0 else d.workers
+        self.val_set = self._open("val")
+        self.num_classes = self.cfg.model.num_classes or len(getattr(self.val_set, "classes", []))
+        if not self.num_classes:
+            raise ConfigError("model.num_classes is 0 and the data does not name its classes; set model.num_classes")
+        eval_global = d.eval_batch_size or max(1, int(1.5 * d.batch_size))
+        self.val_loader = eval_loader(self.val_set, self.ctx, max(1, eval_global // self.ctx.world),
+                                      workers=workers)
+        if self.plan is None:  # evaluation only
+            return
+        train_set = self._open("train")
+        self.loader = train_loader(train_set, self.ctx, self.plan.per_rank, workers=workers, seed=self.cfg.seed)
+        steps, epochs = self.loader.steps_per_epoch, self.cfg.train.epochs
+        self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
+        self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
+        self.mixup = self._build_mixup()
+        self.criterion = self._build_criterion()
+        log.info("dropout: %s; stochastic depth: %s", self.dropout_schedule.describe(),
+                 self.drop_path_schedule.describe())
+
+    def _open(self, split: str):
+        d = self.cfg.data
+        if d.format == "synthetic":
+            size = d.train_size if split == "train" else max(1, d.train_size // 25)
+            return SyntheticSplit(size, d.image_size, self.cfg.model.num_classes)
+        if split == "train":
+            tf = build_transforms(d.image_size, True, auto_augment=d.auto_augment, reprob=d.reprob,
+                                  interpolation=d.interpolation, color_jitter=d.color_jitter)
+            return open_split(d.root, split, tf, format=d.format, shards=d.train_shards, samples=d.train_size or None)
+        tf = build_transforms(d.image_size, False, interpolation=d.interpolation, crop_pct=d.crop_pct)
+        return open_split(d.root, split, tf, format=d.format, shards=d.val_shards)
+
+    def _build_mixup(self):
+        d = self.cfg.data
+        if not (d.mixup > 0 or d.cutmix > 0):
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                     mode="batch", label_smoothing=d.smoothing, num_classes=self.num_classes)
+
+    def _build_criterion(self) -> nn.Module:
+        """For batches without mixup (mixup off, or a batch of one): hard labels, smoothed as configured."""
+        from timm.loss import LabelSmoothingCrossEntropy
+
+        s = self.cfg.data.smoothing
+        return LabelSmoothingCrossEntropy(s) if s > 0 else nn.CrossEntropyLoss()
+
+    # ------------------------------------------------------------------ model and optimizer
+    def build_model(self) -> nn.Module:
+        import timm
+
+        m, size = self.cfg.model, self.cfg.data.image_size
+        if not timm.is_model(m.name):
+            close = difflib.get_close_matches(m.name, timm.list_models(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else "; see timm.list_models()"
+            raise ConfigError(f"model.name: timm has no model '{m.name}'{hint}")
+        kwargs = dict(pretrained=m.pretrained, num_classes=self.num_classes, drop_rate=0.0, drop_path_rate=0.0,
+                      **m.kwargs)
+        try:
+            model = timm.create_model(m.name, img_size=size, **kwargs)
+        except TypeError as err:  # convolutional models take any input size and have no img_size argument
+            if "img_size" not in str(err):
+                raise ConfigError(f"model.kwargs: timm could not build {m.name}: {err}") from None
+            model = timm.create_model(m.name, **kwargs)
+        blocks = prepare_drop_path(model)
+        log.info("%s: %.1fM parameters, %d blocks with stochastic depth, %d px input", m.name,
+                 sum(p.numel() for p in model.parameters()) / 1e6, blocks, size)
+        if m.channels_last and self.ctx.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        from timm.optim import create_optimizer_v2
+
+        o = self.cfg.optim
+        extra = dict(betas=tuple(o.betas), eps=o.eps) if o.optimizer == "adamw" else dict(momentum=o.momentum)
+        # weight decay skips biases, norms and the tokens / position embeddings timm names in no_weight_decay()
+        return create_optimizer_v2(model, opt=o.optimizer, lr=o.lr, weight_decay=o.weight_decay, **extra)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up from 0, then cosine to ``min_lr``, per step; ``optim.lr`` scaled by batch/lr_batch."""
+        o = self.cfg.optim
+        peak = o.lr * self.plan.global_batch / o.lr_batch
+        per_epoch = self.steps_per_epoch()
+        warm = int(o.warmup_epochs * per_epoch)
+        total = self.cfg.train.epochs * per_epoch
+        if step < warm:
+            lr = peak * step / warm
+        else:
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            lr = o.min_lr + 0.5 * (peak - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+        return lr / o.lr
+
+    # ------------------------------------------------------------------ training
+    def steps_per_epoch(self) -> int:
+        return self.loader.steps_per_epoch
+
+    def train_steps(self, epoch: int, position: int | None) -> Iterator[TrainStep]:
+        start = position or 0
+        self.loader.set_epoch(epoch, start)
+        plan, dev = self.plan, self.ctx.device
+        for i, (images, labels, _) in enumerate(self.loader, start + 1):
+            images = images.to(dev, non_blocking=True)
+            labels = labels.to(dev, non_blocking=True)
+            if self.cfg.model.channels_last and dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            n = images.size(0)
+            if n < plan.per_rank:  # unreadable images were skipped: spread what is left over the micro-batches
+                log.debug("batch %d has %d of %d images", i, n, plan.per_rank)
+            bounds = [round(k * n / plan.accumulation) for k in range(plan.accumulation + 1)]
+            micro = [(images[a:b], labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+            yield TrainStep(micro, units=n, position=i)
+
+    def micro_loss(self, engine, micro) -> MicroResult:
+        from timm.loss import SoftTargetCrossEntropy
+
+        images, labels = micro
+        mixed = self.mixup is not None and images.size(0) >= 2
+        if mixed:
+            if images.size(0) % 2:  # timm's batch mixup pairs images: drop one from an odd batch
+                images, labels = images[:-1], labels[:-1]
+            images, targets = self.mixup(images, labels)  # soft targets, label smoothing included
+        logits = engine(images.to(_param_dtype(engine.module))).float()
+        if images.size(0) == 0:  # every image unreadable: a zero loss still joins the gradient all-reduce
+            return MicroResult(logits.sum() * 0.0, {"loss": torch.zeros((), device=logits.device)})
+        loss = SoftTargetCrossEntropy()(logits, targets) if mixed else self.criterion(logits, labels)
+        return MicroResult(loss, {"loss": loss.detach()})
+
+    def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
+        """Set this step's scheduled rates on the live model and report the rates it now carries.
+
+        The logged values are read back from the modules (every dropout's p, which must agree, and the last
+        block's drop-path rate), so TensorBoard shows what the model used, not what was meant.
+        """
+        set_dropout(engine.module, self.dropout_schedule.value(step))
+        set_drop_path(engine.module, self.drop_path_schedule.value(step))
+        rates = current_rates(engine.module)
+        dropouts = set(rates["dropout"].values()) | set(rates["dropout_attrs"].values())
+        if len(dropouts) > 1:
+            raise RuntimeError(f"dropout modules disagree after the schedule set them: {sorted(dropouts)}")
+        return {"drop/dropout": dropouts.pop() if dropouts else 0.0,
+                "drop/drop_path": rates["drop_path"][-1] if rates["drop_path"] else 0.0}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module, split: str, mode: str = "standard") -> dict[str, float]:
+        if split != "valid":
+            raise DataError(f"the ImageNet recipes have no labelled '{split}' split; evaluate --split valid")
+        dev, dtype = self.ctx.device, _param_dtype(model)
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top-1 hits, top-5 hits, images
+        skipped_before = self.val_loader.skipped
+        for images, labels, _ in self.val_loader:
+            if images.size(0) == 0:
+                continue
+            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            if self.cfg.model.channels_last and dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model(images.to(dtype)).float()
+            top = logits.topk(min(5, logits.size(-1)), -1).indices
+            hits = top == labels.unsqueeze(-1)
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 hits[:, :1].sum().double(), hits.sum().double(),
+                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=dev)])
+        loss, top1, top5, n = sums.tolist()
+        out = {"loss_sum": loss, "top1_hits": top1, "top5_hits": top5, "images": n,
+               "skipped_val_images": float(self.val_loader.skipped - skipped_before)}
+        if self.plan is not None:  # training: report the unreadable training images so far, summed over ranks
+            out["skipped_train_images"] = float(self.loader.skipped)
+        return out
+
+    def finalize_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = sums.pop("images")
+        if not n:
+            raise DataError("no validation image could be read; check the val/ split of data.root")
+        out = {"loss": sums.pop("loss_sum") / n, "top1": 100.0 * sums.pop("top1_hits") / n,
+               "top5": 100.0 * sums.pop("top5_hits") / n}
+        return {**out, **sums}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_signature(self) -> dict:
+        m = self.cfg.model
+        return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    """bf16 under DeepSpeed's bf16 mode, else fp32: inputs must match the weights."""
+    return next(module.parameters()).dtype
