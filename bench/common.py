@@ -51,7 +51,8 @@ def overrides(*layers: dict) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
 
 
-def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> tuple[list[str], dict]:
+def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None,
+                  recipe: str = "awd_ptb") -> tuple[list[str], dict]:
     """The command line and environment of one run.
 
     With ``threads=None`` OMP_NUM_THREADS is dropped so the engine's own CPU-thread split
@@ -62,7 +63,7 @@ def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | Non
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
-    args = ["launch/train.py", "--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *sets]
+    args = ["launch/train.py", "--recipe", recipe, "--run-dir", str(run_dir), "--set", *sets]
     if ranks == 1:
         env["MASTER_PORT"] = str(port)
         return [sys.executable, *args], env
@@ -110,11 +111,12 @@ class Run:
         return read_metrics(self.run_dir, split)
 
 
-def start_run(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> Run:
+def start_run(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None,
+              recipe: str = "awd_ptb") -> Run:
     """Start a training run in the background; its console output goes to ``run_dir``.log."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd, env = train_command(ranks, run_dir, sets, threads)
+    cmd, env = train_command(ranks, run_dir, sets, threads, recipe)
     log_path = run_dir.with_suffix(".log")
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -127,8 +129,9 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_training(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None) -> Run:
-    return start_run(ranks, run_dir, sets, threads).wait()
+def run_training(ranks: int, run_dir: Path, sets: list[str], threads: int | None = None,
+                 recipe: str = "awd_ptb") -> Run:
+    return start_run(ranks, run_dir, sets, threads, recipe).wait()
 
 
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
