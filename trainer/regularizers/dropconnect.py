@@ -4,10 +4,11 @@
 fresh mask every call; on AWD-LSTM's 11M recurrent weights that alone was ~17-24% of a training
 step. This mask takes 16 random bits per element (four per 64-bit draw), thresholds them with
 integer ops, and writes the scaled keep-mask's bit pattern straight into a buffer reused across
-steps, with no float conversion and no allocation; the masked weight goes into a reused buffer too
-(a fresh 21 MB tensor per layer per step costs ~10 ms of page faults here). The drop probability is ``rate`` rounded to a
-multiple of 2**-16 and the scale is the exact inverse of the resulting keep probability, so the
-masked weight is unbiased. The same code runs on GPU (all ops are elementwise on device).
+steps, with no float conversion and no allocation; the masked weight goes into a reused buffer
+too (a fresh 21 MB tensor per layer per step costs ~10 ms of page faults here). The drop
+probability is ``rate`` rounded to a multiple of 2**-16 and the scale is the exact inverse of the
+resulting keep probability, so the masked weight is unbiased. The same code runs on GPU (all ops
+are elementwise on device).
 """
 
 from __future__ import annotations
