@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
+from trainer.schedules import DropTiming
 
 
 class AWDModelConfig(Section):
@@ -52,6 +53,16 @@ class PointerConfig(Section):
     skip_until_full: bool = Field(True, description="use the pointer only where the reference does")
 
 
+DROPOUT_RATES = ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")
+
+
+class AWDDropConfig(DropTiming):
+    """Early / late schedules for the model's dropout rates (model.dropout ... model.wdrop are the bases)."""
+
+    rates: list[Literal["dropout", "dropouth", "dropouti", "dropoute", "wdrop"]] = Field(
+        default_factory=lambda: list(DROPOUT_RATES), description="which of the model's rates follow the schedule")
+
+
 class AWDTrainConfig(TrainConfig):
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
@@ -63,3 +74,4 @@ class AWDConfig(RecipeConfig):
     model: AWDModelConfig
     optim: AWDOptimConfig
     pointer: PointerConfig = Field(default_factory=PointerConfig)
+    drop: AWDDropConfig = Field(default_factory=AWDDropConfig)

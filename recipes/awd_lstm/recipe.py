@@ -42,6 +42,9 @@ class AWDLSTMRecipe(Recipe):
         if self.plan is not None:
             stream = batchify(self.corpus.train, self.plan.global_batch)
             self.train_data = rank_columns(stream, self.ctx.rank, self.ctx.world).to(self.ctx.device)
+            drop, epochs, steps = self.cfg.drop, self.cfg.train.epochs, self.steps_per_epoch()
+            self.drop_schedules = {name: drop.schedule_for(getattr(self.cfg.model, name), epochs, steps)
+                                   for name in drop.rates} if drop.mode != "standard" else {}
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
@@ -73,6 +76,15 @@ class AWDLSTMRecipe(Recipe):
                 for k in range(plan.accumulation)
             ]
             yield TrainStep(micro, units=seq_len * plan.per_rank, position=i, lr_scale=seq_len / bptt)
+
+    def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
+        """Early / late dropout (``drop.*``): each scheduled rate set on the model, read back for TensorBoard."""
+        if not self.drop_schedules:
+            return {}
+        model: AWDLSTM = engine.module
+        for name, schedule in self.drop_schedules.items():
+            setattr(model, name, schedule.value(step))
+        return {f"drop/{name}": float(getattr(model, name)) for name in self.drop_schedules}
 
     def micro_loss(self, engine, micro) -> MicroResult:
         k, inputs, targets = micro

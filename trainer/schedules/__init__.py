@@ -1,11 +1,12 @@
 """Drop-rate schedules (early/late dropout and stochastic depth, Liu et al. 2023) and their application."""
 
 from .apply import current_rates, prepare_drop_path, set_drop_path, set_dropout
-from .drop import DropConfig, DropSchedule
+from .drop import DropConfig, DropSchedule, DropTiming
 
 __all__ = [
     "DropConfig",
     "DropSchedule",
+    "DropTiming",
     "current_rates",
     "prepare_drop_path",
     "set_drop_path",

@@ -144,3 +144,26 @@ class DropConfig(Section):
 
     def drop_path_schedule_for(self, epochs: int, steps_per_epoch: int) -> DropSchedule:
         return self._schedule_for("drop_path", epochs, steps_per_epoch)
+
+
+class DropTiming(Section):
+    """When a recipe's own dropout rates apply: the rates stay where the recipe configures them
+    (e.g. AWD-LSTM's five), each becoming the base of a schedule with this mode, shape and cutoff."""
+
+    mode: Mode = Field("standard", description="standard: configured rates throughout; early: only before "
+                       "cutoff_epoch; late: only from cutoff_epoch")
+    schedule: Shape = Field("constant", description="early phase shape: constant, or linear decay to 0 at the "
+                            "cutoff; late allows constant only")
+    cutoff_epoch: int = Field(0, ge=0, description="epoch where early dropout ends / late dropout starts")
+
+    @model_validator(mode="after")
+    def _check(self) -> DropTiming:
+        if self.mode == "late" and self.schedule == "linear":
+            raise ValueError("schedule: late allows constant only (mode is 'late', got 'linear')")
+        if self.mode != "standard" and self.cutoff_epoch == 0:
+            raise ValueError(f"cutoff_epoch: mode '{self.mode}' needs a cutoff epoch >= 1")
+        return self
+
+    def schedule_for(self, base: float, epochs: int, steps_per_epoch: int) -> DropSchedule:
+        return DropSchedule(base=base, mode=self.mode, shape=self.schedule, cutoff_epoch=self.cutoff_epoch,
+                            epochs=epochs, steps_per_epoch=steps_per_epoch)
