@@ -135,3 +135,17 @@ def test_missing_image_folder_is_a_one_line_error(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc)
     assert "nowhere" in line
+
+
+def test_gradient_analysis_is_logged_on_two_ranks(images, tmp_path):
+    run_dir = tmp_path / "run"
+    check(launch("train.py", ["--recipe", "vit_t_early_dropout", "--run-dir", str(run_dir), "--set",
+                              *common(images, 2), *VIT, "drop.cutoff_epoch=1", "analysis.enabled=true",
+                              "analysis.every=3", "analysis.batches=2", "analysis.reference_batches=3"], ranks=2))
+    values = {tag: scalars(run_dir, f"analysis/{tag}") for tag in
+              ("grad_norm", "distance_from_init", "grad_direction_variance", "grad_direction_error")}
+    assert all(sorted(v) == [3, 6] for v in values.values()), values
+    assert 0 < values["distance_from_init"][3] < values["distance_from_init"][6]
+    assert values["grad_norm"][3] > 0
+    for tag in ("grad_direction_variance", "grad_direction_error"):
+        assert all(0.0 < x < 2.0 for x in values[tag].values()), (tag, values[tag])

@@ -61,12 +61,29 @@ class OptimConfig(Section):
     stop_on_nonmono: bool = Field(False, description="stop when the trigger fires while averaging (fine-tuning)")
 
 
+class AnalysisConfig(Section):
+    """The opt-in gradient analysis of "Dropout Reduces Underfitting" (trainer/analysis.py), logged under analysis/."""
+
+    enabled: bool = False
+    every: int = Field(1000, ge=1, description="optimizer steps between analyses")
+    batches: int = Field(8, ge=2, description="K: train-mode mini-batch gradients compared with each other")
+    reference_batches: int = Field(16, ge=1, description="S: mini-batches of the eval-mode ground-truth gradient")
+    init_on_cpu: bool = Field(True, description="keep the fp32 copy of the initial parameters in host memory")
+
+    @property
+    def needed_batches(self) -> int:
+        """The K train-mode batches are the first K of the S reference ones when S >= K, so max(K, S)."""
+        return max(self.batches, self.reference_batches)
+
+
+
 class RecipeConfig(Section):
     recipe: str = ""
     seed: int = 0
     train: TrainConfig
     data: DataConfig
     optim: OptimConfig
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -19,6 +19,7 @@ from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, load
 from .config import RecipeConfig, deep_merge, to_yaml
 from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
+from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
 from .monitor import Monitor
 from .optim import build_averager
@@ -109,6 +110,10 @@ class Trainer:
         model = self.recipe.build_model()
         if cfg.train.init_from and not resume_tag:
             self._init_weights(model, cfg.train.init_from, cfg.train.init_checkpoint)
+        self.analysis = None
+        if cfg.analysis.enabled:  # before DeepSpeed: the initial copy must be the fp32 initialization
+            self.analysis = GradientAnalysis(cfg.analysis, model, ctx, seed=cfg.seed)
+            self._analysis_batches = capture_batches(self.recipe, cfg.analysis.needed_batches)
         optimizer = self.recipe.build_optimizer(model)
         self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -117,6 +122,8 @@ class Trainer:
             lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg, self.plan, self.precision, run_dir),
         )
+        if self.analysis is not None:
+            self._analysis_grad = make_grad_fn(self.recipe, self.engine, ctx.device)
         seed_everything(cfg.seed + 1000003 * ctx.rank)  # independent dropout masks per rank
         self.monitor = Monitor(run_dir, ctx, self.engine.monitor)
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
@@ -224,6 +231,12 @@ class Trainer:
         self.monitor.record("valid", s.step, self._epoch_progress(), metrics, extra)
         self.monitor.console(f"step {s.step} valid", metrics)
 
+    def _analyse(self) -> None:
+        with preserved_recipe_state(self.recipe):
+            scalars = self.analysis.run(self.state.step, self._analysis_grad, self._analysis_batches)
+        self.monitor.scalars(self.state.step, scalars)
+        self.monitor.console(f"step {self.state.step} analysis", scalars)
+
     def _test_best(self) -> None:
         if not (self.run_dir.checkpoints / BEST).is_dir():
             return
@@ -312,6 +325,8 @@ class Trainer:
                     self._validate()
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self.save()
+                if self.analysis is not None and self.analysis.due(s.step):
+                    self._analyse()
                 if window:  # throughput counts training time only
                     window["_t0"] += time.perf_counter() - paused
                 if self._done():
