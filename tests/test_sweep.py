@@ -1,0 +1,181 @@
+"""Sweeps end to end on a generated ImageFolder: a 2x2 local grid of tiny ViTs runs, is summarized,
+is skipped when run again; slurm jobs are shown by --dry-run and the job function trains in-process."""
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import ROOT, check, error_lines, output
+
+GRID = {"drop.mode": ["standard", "early"], "seed": [0, 1]}
+NAMES = ["mode-standard_seed-0", "mode-standard_seed-1", "mode-early_seed-0", "mode-early_seed-1"]
+
+
+def make_image_folder(root, size=40, per_class=(24, 8)):
+    """Four classes of noisy solid colours: 3 steps per epoch at batch 32, learnable in two epochs."""
+    rng = np.random.default_rng(0)
+    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
+    for split, n in zip(("train", "val"), per_class):
+        for c, colour in enumerate(colours):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
+    return root
+
+
+def sweep_cmd(path, *flags):
+    return [sys.executable, str(ROOT / "launch" / "sweep.py"), str(path), *flags]
+
+
+def run_sweep(path, *flags, timeout=600):
+    return subprocess.run(sweep_cmd(path, *flags), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def write_sweep(path, sweep_dir, images, **changes):
+    spec = {
+        "recipe": "vit_t_early_dropout",
+        "sweep_dir": str(sweep_dir),
+        "base": {"data.root": str(images), "data.batch_size": 32, "data.image_size": 32, "data.workers": 0,
+                 "train.epochs": 2, "train.progress": False, "train.log_every": 1, "optim.lr_batch": 32,
+                 "optim.warmup_epochs": 1, "drop.cutoff_epoch": 1,
+                 "model.kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+        "grid": GRID,
+        "slurm": {"nodes": 2, "gpus_per_node": 4, "partition": "dev", "time_min": 30},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images") / "imagenet")
+
+
+@pytest.fixture(scope="module")
+def local_sweep(images, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(tmp / "sweep.yaml", tmp / "out", images)
+    out = check(run_sweep(path, "--backend", "local"))
+    return path, tmp / "out", out
+
+
+def test_local_sweep_runs_every_point_and_summarizes(local_sweep):
+    _, root, out = local_sweep
+    assert "summary: 4 finished, 0 partial, 0 missing" in out
+    with (root / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == NAMES
+    header = list(rows[0])
+    for col in ("name", "status", "drop.mode", "seed", "valid_top1", "best_top1", "train_loss", "steps", "wall_s"):
+        assert col in header, header
+    assert all(r["status"] == "finished" and r["steps"] == "6" and float(r["wall_s"]) > 0 for r in rows)
+    assert [(r["drop.mode"], r["seed"]) for r in rows] == [(m, str(s)) for m in GRID["drop.mode"] for s in GRID["seed"]]
+    md = (root / "summary.md").read_text().splitlines()
+    assert len(md) == 6 and md[0].startswith("| name | status |")
+    assert (root / "summary.png").stat().st_size > 1000
+    for name in NAMES:
+        assert (root / name / "checkpoints" / "latest").is_file()
+        assert list((root / "tensorboard" / name).glob("events.out.tfevents.*")), name
+
+
+def test_rerun_skips_finished_points(local_sweep):
+    path, root, _ = local_sweep
+    out = check(run_sweep(path, "--backend", "local", timeout=120))
+    assert out.count("skipped (finished)") == 4 and " start " not in out and " resume " not in out
+    assert "summary: 4 finished" in out
+
+
+def test_summarize_lists_missing_points(local_sweep, tmp_path):
+    path, _, _ = local_sweep
+    spec = yaml.safe_load(path.read_text())
+    spec["grid"]["seed"] = [0, 1, 2]  # two new points, never run
+    other = tmp_path / "more.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    out = check(run_sweep(other, "--summarize", timeout=120))
+    assert "summary: 4 finished, 0 partial, 2 missing" in out
+
+
+def test_slurm_dry_run_prints_every_job(images, tmp_path):
+    path = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", images)
+    out = check(run_sweep(path, "--backend", "slurm", "--dry-run", timeout=120))
+    jobs = [line for line in out.splitlines() if "would submit" in line]
+    assert len(jobs) == 4 and all(n in out for n in NAMES)
+    slurm = [line for line in out.splitlines() if line.strip().startswith("slurm:")]
+    assert len(slurm) == 4
+    assert all("nodes=2" in s and "gpus_per_node=4" in s and "tasks_per_node=4" in s and "slurm_partition=dev" in s
+               and "timeout_min=30" in s for s in slurm)
+    assert out.count("launch/train.py --recipe vit_t_early_dropout --run-dir") == 4
+    assert "drop.mode=early seed=1" in out
+    assert not (tmp_path / "out" / ".submitit").exists() and not (tmp_path / "out" / NAMES[0]).exists()
+
+
+def test_slurm_job_function_trains_one_point_in_process(images, tmp_path):
+    """The pickled job, run by submitit's in-process debug executor: no slurm needed."""
+    path = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", images, grid={"seed": [3]})
+    script = textwrap.dedent(f"""
+        import pickle, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import submitit
+        from trainer.sweeps.backends import TrainPoint
+        from trainer.sweeps.points import expand
+        from trainer.sweeps.spec import load_spec
+        from trainer.sweeps.status import point_status
+        spec = load_spec({str(path)!r})
+        (point,) = expand(spec)
+        job_fn = pickle.loads(pickle.dumps(TrainPoint(spec.recipe, point, {str(tmp_path)!r})))
+        assert job_fn.checkpoint().function is job_fn  # requeued as itself
+        ex = submitit.AutoExecutor(folder={str(tmp_path / "submitit")!r}, cluster="debug")
+        print("result", ex.submit(job_fn).result())
+        print("status", point_status(point.run_dir))
+    """)
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = check(proc)
+    assert "status finished" in out and str(tmp_path / "out" / "seed-3") in out
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"grid": {"drop.mdoe": ["early"]}}, "drop.mdoe"),
+    ({"grids": {"seed": [0]}}, "grids"),
+    ({"grid": {"drop.mode": ["sometimes"]}}, "drop.mode"),
+    ({"recipe": "vit_t_erly_dropout"}, "vit_t_erly_dropout"),
+])
+def test_bad_sweep_file_is_a_one_line_error(images, tmp_path, change, expect):
+    path = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", images, **change)
+    proc = run_sweep(path, "--backend", "local", timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in output(proc)
+    (line,) = error_lines(proc)
+    assert expect in line, line
+    assert proc.stderr.strip() == line
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_resumes_a_partial_point(local_sweep, tmp_path):
+    """A point cut off after epoch 1 (its log and 'latest' rolled back) resumes instead of starting over."""
+    import shutil
+
+    path, root, _ = local_sweep
+    spec = yaml.safe_load(path.read_text())
+    spec.update(sweep_dir=str(tmp_path / "out"), grid={"drop.mode": ["standard"], "seed": [0]})
+    other = tmp_path / "one.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    run = shutil.copytree(root / NAMES[0], tmp_path / "out" / NAMES[0])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    keep = [ln for ln in lines if '"step": 3,' in ln or '"step": 1,' in ln or '"step": 2,' in ln]
+    (run / "metrics.jsonl").write_text("\n".join(keep) + "\n")
+    (run / "checkpoints" / "latest").write_text("step_00000003")
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    out = check(run_sweep(other, "--backend", "local", timeout=300))
+    assert f"{NAMES[0]}: resume" in out and "resumed from step_00000003 at step 3" in out
+    assert "summary: 1 finished" in out

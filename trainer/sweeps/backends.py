@@ -1,0 +1,223 @@
+"""Where a sweep's points run: one after another here (``local``, ``hostfile``) or as slurm jobs (submitit)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from ..errors import ConfigError
+from ..rundir import RunDir
+from .points import Point
+from .spec import SweepSpec
+from .status import FINISHED, point_status
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = ROOT / "launch" / "train.py"
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Step:
+    point: Point
+    status: str  # finished | partial | missing
+    action: str  # skip | resume | start
+
+
+def plan(points: list[Point]) -> list[Step]:
+    """Skip finished points, resume the ones with a checkpoint, start the rest."""
+    steps = []
+    for p in points:
+        status = point_status(p.run_dir)
+        action = "skip" if status == FINISHED else "resume" if RunDir(p.run_dir).has_checkpoint() else "start"
+        steps.append(Step(p, status, action))
+    return steps
+
+
+def train_args(recipe: str, point: Point, resume: bool) -> list[str]:
+    args = ["--recipe", recipe, "--run-dir", str(point.run_dir)]
+    if resume:
+        args.append("--resume")
+    return args + (["--set", *point.overrides] if point.overrides else [])
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """A run with metrics but no checkpoint cannot resume and blocks a fresh start; keep it, out of the way."""
+    if not RunDir(run_dir).holds_a_run():
+        return None
+    target = run_dir.parent / ".stale" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), str(target))
+    return target
+
+
+# ------------------------------------------------------------------ local and hostfile
+def _deepspeed() -> str:
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.exists() else (shutil.which("deepspeed") or "deepspeed")
+
+
+def launcher(spec: SweepSpec, backend: str, port: int) -> list[str]:
+    if backend == "hostfile":
+        return [_deepspeed(), "--hostfile", str(spec.hostfile), "--master_port", str(port), str(TRAIN_SCRIPT)]
+    if spec.ranks == 1:
+        return [sys.executable, str(TRAIN_SCRIPT)]
+    return [_deepspeed(), "--num_gpus", str(spec.ranks), "--master_port", str(port), str(TRAIN_SCRIPT)]
+
+
+def _child_env() -> dict:
+    """The launcher sets the rank variables itself; stale ones from this shell would mislead it."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    # DeepSpeed's op builder must find the venv's ninja, not an older system one.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bool) -> list[str]:
+    """Run the points one after another; returns the names of those that failed."""
+    from ..distributed import free_port
+
+    if backend == "hostfile":
+        if not spec.hostfile:
+            raise ConfigError("--backend hostfile needs 'hostfile: FILE' in the sweep file")
+        if not Path(spec.hostfile).is_file():
+            raise ConfigError(f"hostfile {spec.hostfile} does not exist")
+    failed = []
+    for i, st in enumerate(steps, 1):
+        head = f"[{i}/{len(steps)}] {st.point.name}"
+        if st.action == "skip":
+            print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
+            continue
+        cmd = launcher(spec, backend, free_port()) + train_args(spec.recipe, st.point, st.action == "resume")
+        print(f"{head}: {st.action} {st.point.run_dir}\n  {shlex.join(cmd)}", flush=True)
+        if dry_run:
+            continue
+        if st.action == "start":
+            moved = set_aside(st.point.run_dir)
+            if moved:
+                print(f"  an earlier attempt without a checkpoint was moved to {moved}", flush=True)
+        rc = subprocess.run(cmd, env=_child_env()).returncode
+        if rc != 0:
+            print(f"{head}: failed (exit {rc})", flush=True)
+            failed.append(st.point.name)
+    return failed
+
+
+# ------------------------------------------------------------------ slurm
+def _port_for(job_id: str) -> int:
+    """Every task of a job derives the same port from the job id, which a requeued job keeps."""
+    digits = re.sub(r"\D", "", job_id or "") or "0"
+    return 20000 + int(digits) % 30000
+
+
+def _set_dist_env() -> None:
+    """torch.distributed's env:// variables from the slurm job, one task per GPU; outside submitit, one rank."""
+    try:
+        job = submitit.JobEnvironment()
+    except RuntimeError:
+        job = None
+    if job is None:
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            from ..distributed import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
+        return
+    world = job.num_tasks
+    os.environ.update(
+        RANK=str(job.global_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(job.local_rank),
+        LOCAL_WORLD_SIZE=str(max(1, world // max(1, job.num_nodes))),
+        MASTER_ADDR=job.hostnames[0] if world > 1 else "127.0.0.1",
+        MASTER_PORT=os.environ.get("SWEEP_MASTER_PORT", str(_port_for(str(job.job_id)))),
+    )
+
+
+class TrainPoint(submitit.helpers.Checkpointable):
+    """One point as a slurm job: trains in-process and, when preempted or timed out, requeues itself.
+
+    Whether to resume is decided when the job starts, not when it was submitted, so a requeued job
+    continues from the checkpoint its previous attempt left.
+    """
+
+    def __init__(self, recipe: str, point: Point, cwd: str):
+        self.recipe = recipe
+        self.point = point
+        self.cwd = cwd
+
+    def __call__(self) -> str:
+        os.chdir(self.cwd)  # relative data.root and friends mean what they meant at submission
+        run = self.point.run_dir
+        if point_status(run) == FINISHED:
+            return str(run)
+        _set_dist_env()
+        resume = RunDir(run).has_checkpoint()
+
+        from ..cli import train_parser
+        from ..commands import train
+
+        try:
+            train(train_parser().parse_args(train_args(self.recipe, self.point, resume)))
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return str(run)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def slurm_parameters(spec: SweepSpec, name: str) -> dict:
+    s = spec.slurm
+    params = {
+        "name": name, "nodes": s.nodes, "gpus_per_node": s.gpus_per_node, "tasks_per_node": s.gpus_per_node,
+        "cpus_per_task": s.cpus_per_task, "timeout_min": s.time_min, "mem_gb": s.mem_gb,
+        "slurm_partition": s.partition, "slurm_account": s.account, "slurm_constraint": s.constraint,
+        "slurm_signal_delay_s": s.signal_delay_s, "slurm_additional_parameters": dict(s.extra) or None,
+        "slurm_setup": list(s.setup) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def submit_slurm(spec: SweepSpec, steps: list[Step], dry_run: bool) -> list[str]:
+    """Submit one job per unfinished point; with ``dry_run`` print the jobs instead."""
+    folder = Path(spec.sweep_dir) / ".submitit"
+    executor = None
+    if not dry_run and any(st.action != "skip" for st in steps):
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=spec.slurm.max_requeue)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot submit to slurm here: {e}") from None
+    jobs = []
+    for i, st in enumerate(steps, 1):
+        head = f"[{i}/{len(steps)}] {st.point.name}"
+        if st.action == "skip":
+            print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
+            continue
+        params = slurm_parameters(spec, f"{spec.recipe}-{st.point.name}")
+        cmd = ["python", str(TRAIN_SCRIPT), *train_args(spec.recipe, st.point, st.action == "resume")]
+        shown = " ".join(f"{k}={v}" for k, v in params.items())
+        print(f"{head}: {'would submit' if dry_run else 'submit'} ({st.action}) {st.point.run_dir}\n"
+              f"  slurm: {shown} max_requeue={spec.slurm.max_requeue}\n"
+              f"  each task (in-process): {shlex.join(cmd)}", flush=True)
+        if executor is None:
+            continue
+        if st.action == "start":
+            set_aside(st.point.run_dir)  # here, not in the job, where ranks on other nodes could race it
+        executor.update_parameters(**params)
+        job = executor.submit(TrainPoint(spec.recipe, st.point, os.getcwd()))
+        print(f"  job {job.job_id}", flush=True)
+        jobs.append(job.job_id)
+    return jobs
