@@ -56,6 +56,28 @@ def metric_value(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+IMAGE_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # one class per colour
+
+
+def make_image_folder(root: Path, size: int = 40, per_class: tuple[int, int] = (24, 8), corrupt: bool = False) -> Path:
+    """Four classes of noisy solid colours under train/ and val/ (24 + 8 per class: 3 steps per epoch at global
+    batch 32 on 2 ranks, learnable in an epoch or two); ``corrupt`` adds an undecodable train/class_0/broken.JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, colour in enumerate(IMAGE_COLOURS):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
+    if corrupt:
+        (root / "train" / "class_0" / "broken.JPEG").write_bytes(rng.bytes(2000))
+    return root
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert (SHARED_DATA / "ptb" / "train.txt").is_file(), f"tests need the shared data at {SHARED_DATA}"

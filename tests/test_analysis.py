@@ -293,19 +293,23 @@ def _perturb(model: Net) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def _analyse(batches, ctx):
+    """The analysis at step 5 of a perturbed model, and the first two train-mode mini-batch gradients."""
+    model = make_model()
+    analysis = GradientAnalysis(config(), model, ctx)
+    _perturb(model)
+    grad_fn = make_grad_fn(TinyRecipe(batches), model)
+    metrics = analysis.run(5, grad_fn, batches)
+    return metrics, [analysis.minibatch_grad(grad_fn, b, train_mode=True) for b in batches[:2]]
+
+
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ctx = DistContext(rank=rank, world=world, local_rank=rank, device=CPU)
-        batches = _shard(make_batches(S, with_mask=True), rank, world)
-        model = make_model()
-        analysis = GradientAnalysis(config(), model, ctx)
-        _perturb(model)
-        grad_fn = make_grad_fn(TinyRecipe(batches), model)
-        metrics = analysis.run(5, grad_fn, batches)
-        grads = [analysis.minibatch_grad(grad_fn, b, train_mode=True) for b in batches[:2]]
+        metrics, grads = _analyse(_shard(make_batches(S, with_mask=True), rank, world), ctx)
         torch.save({"metrics": metrics, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -313,13 +317,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_two_ranks_match_single_process(tmp_path):
     mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    batches = make_batches(S, with_mask=True)
-    model = make_model()
-    analysis = GradientAnalysis(config(), model, ONE)
-    _perturb(model)
-    grad_fn = make_grad_fn(TinyRecipe(batches), model)
-    want = analysis.run(5, grad_fn, batches)
-    want_grads = [analysis.minibatch_grad(grad_fn, b, train_mode=True) for b in batches[:2]]
+    want, want_grads = _analyse(make_batches(S, with_mask=True), ONE)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for a, b in zip(got["grads"], want_grads):

@@ -4,34 +4,14 @@ log the scheduled drop rates every step, evaluate exactly on 1 rank, and resume 
 import json
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import check, error_lines, launch, metric_value
-
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # one class per colour
-N_TRAIN, N_VAL = 24, 8  # per class: 96 training images -> 3 steps per epoch at global batch 32 on 2 ranks
-
-
-def make_image_folder(root, size=40, corrupt=True):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-        for c, colour in enumerate(COLOURS):
-            d = root / split / f"class_{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
-    if corrupt:
-        (root / "train" / "class_0" / "broken.JPEG").write_bytes(rng.bytes(2000))
-    return root
-
+from conftest import check, error_lines, launch, make_image_folder, metric_value
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images") / "imagenet")
+    return make_image_folder(tmp_path_factory.mktemp("images") / "imagenet", corrupt=True)
 
 
 def common(root, epochs):

@@ -6,29 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import ROOT, check, error_lines, output
+from conftest import ROOT, check, error_lines, make_image_folder, output
 
 GRID = {"drop.mode": ["standard", "early"], "seed": [0, 1]}
 NAMES = ["mode-standard_seed-0", "mode-standard_seed-1", "mode-early_seed-0", "mode-early_seed-1"]
-
-
-def make_image_folder(root, size=40, per_class=(24, 8)):
-    """Four classes of noisy solid colours: 3 steps per epoch at batch 32, learnable in two epochs."""
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-    for split, n in zip(("train", "val"), per_class):
-        for c, colour in enumerate(colours):
-            d = root / split / f"class_{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
-    return root
 
 
 def sweep_cmd(path, *flags):
