@@ -59,6 +59,16 @@ def set_aside(run_dir: Path) -> Path | None:
     return target
 
 
+def to_run(steps: list[Step]):
+    """(progress label, step) for each point that is not finished; finished ones are reported as skipped."""
+    for i, st in enumerate(steps, 1):
+        head = f"[{i}/{len(steps)}] {st.point.name}"
+        if st.action == "skip":
+            print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
+            continue
+        yield head, st
+
+
 # ------------------------------------------------------------------ local and hostfile
 def _deepspeed() -> str:
     beside = Path(sys.executable).parent / "deepspeed"
@@ -92,11 +102,7 @@ def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bo
         if not Path(spec.hostfile).is_file():
             raise ConfigError(f"hostfile {spec.hostfile} does not exist")
     failed = []
-    for i, st in enumerate(steps, 1):
-        head = f"[{i}/{len(steps)}] {st.point.name}"
-        if st.action == "skip":
-            print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
-            continue
+    for head, st in to_run(steps):
         cmd = launcher(spec, backend, free_port()) + train_args(spec.recipe, st.point, st.action == "resume")
         print(f"{head}: {st.action} {st.point.run_dir}\n  {shlex.join(cmd)}", flush=True)
         if dry_run:
@@ -201,11 +207,7 @@ def submit_slurm(spec: SweepSpec, steps: list[Step], dry_run: bool) -> list[str]
         except RuntimeError as e:
             raise ConfigError(f"cannot submit to slurm here: {e}") from None
     jobs = []
-    for i, st in enumerate(steps, 1):
-        head = f"[{i}/{len(steps)}] {st.point.name}"
-        if st.action == "skip":
-            print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
-            continue
+    for head, st in to_run(steps):
         params = slurm_parameters(spec, f"{spec.recipe}-{st.point.name}")
         cmd = ["python", str(TRAIN_SCRIPT), *train_args(spec.recipe, st.point, st.action == "resume")]
         shown = " ".join(f"{k}={v}" for k, v in params.items())
