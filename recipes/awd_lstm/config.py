@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -53,13 +53,14 @@ class PointerConfig(Section):
     skip_until_full: bool = Field(True, description="use the pointer only where the reference does")
 
 
-DROPOUT_RATES = ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")
+RateName = Literal["dropout", "dropouth", "dropouti", "dropoute", "wdrop"]
+DROPOUT_RATES: tuple[str, ...] = get_args(RateName)
 
 
 class AWDDropConfig(DropTiming):
     """Early / late schedules for the model's dropout rates (model.dropout ... model.wdrop are the bases)."""
 
-    rates: list[Literal["dropout", "dropouth", "dropouti", "dropoute", "wdrop"]] = Field(
+    rates: list[RateName] = Field(
         default_factory=lambda: list(DROPOUT_RATES), description="which of the model's rates follow the schedule")
 
 
