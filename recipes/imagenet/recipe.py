@@ -57,6 +57,8 @@ class ImageNetRecipe(Recipe):
         self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
         self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
         self.mixup = self._build_mixup()
+        self._applied: tuple[float, float] | None = None  # the scheduled rates last set on the model
+        self._carried: dict[str, float] = {}  # and what the model reported carrying then
         self.criterion = self._build_criterion()
         log.info("dropout: %s; stochastic depth: %s", self.dropout_schedule.describe(),
                  self.drop_path_schedule.describe())
@@ -174,16 +176,21 @@ class ImageNetRecipe(Recipe):
         """Set this step's scheduled rates on the live model and report the rates it now carries.
 
         The logged values are read back from the modules (every dropout's p, which must agree, and the last
-        block's drop-path rate), so TensorBoard shows what the model used, not what was meant.
+        block's drop-path rate), so TensorBoard shows what the model used, not what was meant. The module walks
+        happen only when the schedule moves: the model keeps its rates between steps.
         """
-        set_dropout(engine.module, self.dropout_schedule.value(step))
-        set_drop_path(engine.module, self.drop_path_schedule.value(step))
-        rates = current_rates(engine.module)
-        dropouts = set(rates["dropout"].values()) | set(rates["dropout_attrs"].values())
-        if len(dropouts) > 1:
-            raise RuntimeError(f"dropout modules disagree after the schedule set them: {sorted(dropouts)}")
-        return {"drop/dropout": dropouts.pop() if dropouts else 0.0,
-                "drop/drop_path": rates["drop_path"][-1] if rates["drop_path"] else 0.0}
+        wanted = (self.dropout_schedule.value(step), self.drop_path_schedule.value(step))
+        if wanted != self._applied:
+            set_dropout(engine.module, wanted[0])
+            set_drop_path(engine.module, wanted[1])
+            rates = current_rates(engine.module)
+            dropouts = set(rates["dropout"].values()) | set(rates["dropout_attrs"].values())
+            if len(dropouts) > 1:
+                raise RuntimeError(f"dropout modules disagree after the schedule set them: {sorted(dropouts)}")
+            self._carried = {"drop/dropout": dropouts.pop() if dropouts else 0.0,
+                             "drop/drop_path": rates["drop_path"][-1] if rates["drop_path"] else 0.0}
+            self._applied = wanted
+        return dict(self._carried)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, split: str, mode: str = "standard") -> dict[str, float]:
