@@ -7,18 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from ..config import _format_validation_error, read_yaml
+from ..config import Section, _format_validation_error, read_yaml
 from ..errors import ConfigError
 from ..registry import get_recipe
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SlurmSpec(_Strict):
+class SlurmSpec(Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)
     partition: str | None = None
@@ -33,7 +29,7 @@ class SlurmSpec(_Strict):
     signal_delay_s: int = Field(120, ge=0, description="warning before the time limit, to requeue in time")
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Section):
     recipe: str
     sweep_dir: str
     base: dict[str, Any] = Field(default_factory=dict)
