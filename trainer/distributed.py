@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +63,20 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         device = torch.device(acc.device_name(local_rank))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+        if acc.device_name() == "cpu":
+            _unlink_shm_allreduce_buffer()
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB /dev/shm file per rank and run, never removed:
+    a test suite or a sweep fills /dev/shm until the machine runs out of memory. Its init maps every rank's
+    file, so once all ranks are past it (the barrier) each removes its own name; the mappings live on until
+    the processes exit, however they exit."""
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    dist.barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def all_reduce_sums(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
