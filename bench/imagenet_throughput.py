@@ -7,8 +7,8 @@ For each model (``vit_tiny_patch16_224``, ``mixer_s16_224``), interleaved in rou
   engine, synthetic   launch/train.py with ``data.format=synthetic`` (same loader, no decoding or augmentation)
   engine, JPEG        launch/train.py on a generated ImageFolder of ImageNet-sized JPEGs (the basic recipe's
                       RandAugment, random erasing, mixup / cutmix)
-  plain loop          timm model + AdamW + the same synthetic loader in a bare PyTorch loop (no DeepSpeed):
-                      engine synthetic / plain = the engine's own overhead
+  plain loop          timm model + AdamW + the same synthetic loader, mixup / cutmix and soft-target loss in a
+                      bare PyTorch loop (no DeepSpeed): engine synthetic / plain = the engine's own overhead
   pipeline only       the JPEG training loader iterated without a model: images/s it can deliver
 
 at 1 and 2 ranks (the plain loop and the pipeline at 1 rank). The first logged window of every run is dropped
@@ -87,22 +87,28 @@ def plain_run(model: str, batch: int, steps: int) -> list[float]:
 
 
 def plain_loop(model_name: str, batch: int, steps: int) -> list[float]:
-    """timm model, AdamW, the recipe's synthetic loader; per-2-step images/s, as the engine logs them."""
+    """timm model, AdamW, the recipe's synthetic loader, and the basic recipe's mixup / cutmix with timm's
+    soft-target loss, as the engine applies them; per-2-step images/s, as the engine logs them."""
     import timm
+    from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
 
+    from recipes.imagenet.config import ImageDataConfig
     from recipes.imagenet.data import SyntheticSplit, default_workers, train_loader
+    from recipes.imagenet.recipe import build_mixup
     from trainer.distributed import DistContext
 
     torch.set_num_threads(os.cpu_count() or 1)  # what the engine gives a single rank
     model = timm.create_model(model_name, num_classes=CLASSES).train()
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+    mixup, criterion = build_mixup(ImageDataConfig(), CLASSES), SoftTargetCrossEntropy()
     loader = train_loader(SyntheticSplit(CLASSES * IMAGES_PER_CLASS, 224, CLASSES),
                           DistContext(0, 1, 0, torch.device("cpu")), batch, workers=default_workers())
     rates, done, t0, n = [], 0, time.perf_counter(), 0
     while done < steps:
         for images, labels, _ in loader:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            images, targets = mixup(images, labels)
+            loss = criterion(model(images), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,7 +22,7 @@ from trainer.errors import ConfigError, DataError
 from trainer.recipe import MicroResult, Recipe, TrainStep
 from trainer.schedules import current_rates, prepare_drop_path, set_drop_path, set_dropout
 
-from .config import ImageNetConfig
+from .config import ImageDataConfig, ImageNetConfig
 from .data import SyntheticSplit, build_transforms, eval_loader, open_split, train_loader
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class ImageNetRecipe(Recipe):
         steps, epochs = self.loader.steps_per_epoch, self.cfg.train.epochs
         self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
         self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
-        self.mixup = self._build_mixup()
+        self.mixup = build_mixup(self.cfg.data, self.num_classes)
         self._applied: tuple[float, float] | None = None  # the scheduled rates last set on the model
         self._carried: dict[str, float] = {}  # and what the model reported carrying then
         self.criterion = self._build_criterion()
@@ -74,15 +74,6 @@ class ImageNetRecipe(Recipe):
             return open_split(d.root, split, tf, format=d.format, shards=d.train_shards, samples=d.train_size or None)
         tf = build_transforms(d.image_size, False, interpolation=d.interpolation, crop_pct=d.crop_pct)
         return open_split(d.root, split, tf, format=d.format, shards=d.val_shards)
-
-    def _build_mixup(self):
-        d = self.cfg.data
-        if not (d.mixup > 0 or d.cutmix > 0):
-            return None
-        from timm.data import Mixup
-
-        return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
-                     mode="batch", label_smoothing=d.smoothing, num_classes=self.num_classes)
 
     def _build_criterion(self) -> nn.Module:
         """For batches without mixup (mixup off, or a batch of one): hard labels, smoothed as configured."""
@@ -230,6 +221,17 @@ class ImageNetRecipe(Recipe):
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model
         return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}
+
+
+def build_mixup(d: ImageDataConfig, num_classes: int):
+    """timm's batch mixup / cutmix as the data config asks (label smoothing folded into its soft targets);
+    None when both are off. The throughput benchmark's plain loop uses it too, so the two compare like for like."""
+    if not (d.mixup > 0 or d.cutmix > 0):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                 mode="batch", label_smoothing=d.smoothing, num_classes=num_classes)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
