@@ -99,13 +99,13 @@ class Trainer:
         self.state = LoopState()
 
         self.recipe.setup()
+        resume_tag = read_latest_tag(run_dir.checkpoints) if resume else None
+        if resume_tag:  # before anything is written: a refused resume leaves the run as it was
+            self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
         if ctx.is_main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
             run_dir.config.write_text(to_yaml(cfg))
         barrier(ctx)
-        resume_tag = read_latest_tag(run_dir.checkpoints) if resume else None
-        if resume_tag:
-            self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
         seed_everything(cfg.seed)  # identical initial weights whatever the world size
         model = self.recipe.build_model()
         if cfg.train.init_from and not resume_tag:
