@@ -72,8 +72,10 @@ class PeerWatchdog:
         self._local_peers: dict[int, int] | None = None  # rank -> pid of this node's other ranks
         self._beats = {r: (-1, time.monotonic()) for r in range(1, ctx.world)} if ctx.rank == 0 else {}
         self._store_failures = 0
+        self._tick = time.monotonic()  # the last check that completed
         self._thread = threading.Thread(target=self._run, name="peer-watchdog", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._supervise, name="peer-watchdog-supervisor", daemon=True).start()
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -81,6 +83,7 @@ class PeerWatchdog:
             try:
                 lost = self._check()
                 self._store_failures = 0
+                self._tick = time.monotonic()
             except Exception as e:  # noqa: BLE001 - the store itself is what failed
                 self._store_failures += 1
                 if self._stop.is_set() or self._store_failures < 2 or self.ctx.rank == 0:
@@ -88,6 +91,15 @@ class PeerWatchdog:
                 lost = f"rank 0 (the rendezvous store at {self._where} stopped answering: {type(e).__name__})"
             if lost and not self._stop.is_set():
                 self._end(lost)
+
+    def _supervise(self) -> None:
+        """A store call can block without end when its host vanished without closing the connection (a
+        powered-off node); this thread does no I/O and ends the job when the checks stop completing."""
+        while not self._stop.wait(self.interval):
+            silent = time.monotonic() - self._tick
+            if silent > self.timeout + 2 * self.interval and not self._stop.is_set():
+                who = "rank 0" if self.ctx.rank else "contact with the other ranks"
+                self._end(f"{who} (the rendezvous store at {self._where} has not answered for {silent:.0f} s)")
 
     def _check(self) -> str | None:
         if self.store.check(["lost"]):
@@ -124,7 +136,8 @@ class PeerWatchdog:
 
     def _end(self, lost: str) -> None:
         self.verdict = lost
-        lost_rank, first_here = int(lost.split()[1]), self.ctx.rank - self.ctx.local_rank
+        words, first_here = lost.split(), self.ctx.rank - self.ctx.local_rank
+        lost_rank = int(words[1]) if words[0] == "rank" else None
         if self.ctx.local_rank == 0 or (lost_rank == first_here and self.ctx.local_rank == 1):  # one line per node
             print(f"error: [rank {self.ctx.rank}] lost {lost}; ending the job{self.hint}", file=sys.stderr,
                   flush=True)
