@@ -12,8 +12,14 @@ import torch
 
 from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, launch, output
 from trainer.distributed import free_port
+from trainer.errors import ConfigError
+from trainer.faults.inject import ENV, FaultPlan
 
 TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1"]
+TINY_VIT = ["data.format=synthetic", "data.train_size=100000", "model.num_classes=4", "data.image_size=32",
+            "data.batch_size=8", "data.workers=1", "model.kwargs={patch_size: 8, embed_dim: 48, depth: 3, num_heads: 3}",
+            "train.log_every=1", "train.progress=false", "train.test_at_end=false"]
+FAMILIES = {"awd_ptb": TINY, "vit_t_early_dropout": TINY_VIT}
 
 
 def train_records(run_dir):
@@ -67,10 +73,10 @@ def wait_group_gone(proc, timeout):
     raise AssertionError(f"the job was still running {timeout} s after the signal")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path, shared_data, sig):
+@pytest.mark.parametrize("recipe, sig", [("awd_ptb", signal.SIGTERM), ("vit_t_early_dropout", signal.SIGUSR1)])
+def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path, shared_data, recipe, sig):
     run_dir, log_path = tmp_path / "run", tmp_path / "job.log"
-    proc = start_detached(["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+    proc = start_detached(["--recipe", recipe, "--run-dir", str(run_dir), "--set", *FAMILIES[recipe],
                            "train.max_steps=100000", "train.checkpoint_every=100000", "train.eval_every=100000"],
                           log_path)
     wait_for_step(run_dir, 3, proc)
@@ -86,7 +92,7 @@ def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path,
     assert [r["step"] for r in train_records(run_dir)][-1] == step  # every finished step logged, none after
 
     resumed = check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set",
-                                        f"train.max_steps={step + 2}"], ranks=2))
+                                        f"train.max_steps={step + 2}", "train.eval_every=0"], ranks=2))
     assert f"resumed from {tag} at step {step}" in resumed
     assert [r["step"] for r in train_records(run_dir)][-3:] == [step, step + 1, step + 2]
 
@@ -151,20 +157,24 @@ def _zero_partition(run_dir, tag, rank):
 
 def test_skipped_nonfinite_steps_leave_weights_and_optimizer_state_untouched(tmp_path, shared_data):
     """ZeRO 2 with NT-ASGD averaging on: a skipped step changes neither the weights nor the optimizer's
-    partitions; training goes on after it."""
+    partitions, training goes on after it, and too many skips in a row stop the run."""
     run_dir = tmp_path / "run"
-    out = check(launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
-                                    "train.max_steps=6", "train.checkpoint_every=1", "train.keep_last=10",
-                                    "train.eval_every=100000", "train.zero_stage=2", "train.on_nonfinite=skip",
-                                    "optim.t0=1"],
-                       ranks=2, env=faults_env("nan_loss@3:1,inf_loss@4:0")))
+    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+                               "train.max_steps=12", "train.checkpoint_every=1", "train.keep_last=20",
+                               "train.eval_every=100000", "train.zero_stage=2", "train.on_nonfinite=skip",
+                               "train.max_consecutive_skips=2", "optim.t0=1"],
+                  ranks=2, env=faults_env("nan_loss@3:1,inf_loss@4:0,nan_loss@7:0,nan_loss@8:1,nan_loss@9:1"))
+    out = output(proc)
     assert "step 3: loss is nan or inf (rank 1): update skipped" in out
     assert "step 4: loss is nan or inf (rank 0): update skipped, 2 skipped so far" in out
+    errors = error_lines(proc)
+    assert proc.returncode == 2 and len(errors) == 1, out[-3000:]
+    assert "3 steps in a row up to step 9" in errors[0]
     records = {r["step"]: r for r in train_records(run_dir)}
     assert "loss" not in records[3] and "loss" not in records[4] and records[4]["skipped_steps"] == 2
     assert all(torch.isfinite(torch.tensor(records[s]["loss"])) for s in (1, 2, 5, 6))
 
-    tags = {s: f"step_{s:08d}" for s in range(2, 6)}
+    tags = {s: f"step_{s:08d}" for s in range(2, 7)}
     for a, b in ((2, 3), (3, 4)):
         for name, t in _module_state(run_dir, tags[a]).items():
             assert torch.equal(t, _module_state(run_dir, tags[b])[name]), name
@@ -174,21 +184,18 @@ def test_skipped_nonfinite_steps_leave_weights_and_optimizer_state_untouched(tmp
                 assert torch.equal(x, y)
     changed = _module_state(run_dir, tags[5])
     assert any(not torch.equal(t, changed[n]) for n, t in _module_state(run_dir, tags[4]).items())
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000008"  # nothing saved by the stop
 
 
-def test_skipping_stops_when_every_step_diverges(tmp_path, shared_data):
-    run_dir = tmp_path / "run"
-    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
-                               "train.max_steps=10", "train.checkpoint_every=100000", "train.eval_every=100000",
-                               "train.on_nonfinite=skip", "train.max_consecutive_skips=2"],
-                  env=faults_env("nan_loss@2:0,nan_loss@3:0,nan_loss@4:0"))
-    errors = error_lines(proc)
-    assert proc.returncode == 2 and len(errors) == 1, output(proc)[-3000:]
-    assert "3 steps in a row up to step 4" in errors[0]
-
-
-def test_bad_fault_spec_is_a_one_line_error(tmp_path, shared_data):
-    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(tmp_path / "run"), "--set", *TINY,
-                               "train.max_steps=2"], env=faults_env("nan@x"))
-    errors = error_lines(proc)
-    assert proc.returncode == 2 and len(errors) == 1 and "TRAINER_FAULTS" in errors[0]
+def test_fault_plan_fires_once_on_its_rank_and_step(monkeypatch):
+    monkeypatch.setenv(ENV, "nan_loss@5:1, inf_loss@6:1,sigterm@2:0")
+    plan = FaultPlan.from_env(rank=1)
+    one = torch.tensor(1.0)
+    assert plan.corrupt_loss(one, 4) is one
+    assert torch.isnan(plan.corrupt_loss(one, 5)) and plan.corrupt_loss(one, 5) is one  # once only
+    assert torch.isinf(plan.corrupt_loss(one, 6))
+    assert not FaultPlan.from_env(rank=2)
+    for bad in ("nan@x", "nan_loss@5", "explode@1:0"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(ConfigError, match=ENV):
+            FaultPlan.from_env(rank=0)
