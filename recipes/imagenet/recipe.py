@@ -218,6 +218,14 @@ class ImageNetRecipe(Recipe):
         return {**out, **sums}
 
     # ------------------------------------------------------------------ checkpoints
+    def load_rank_states(self, states: list[dict]) -> None:
+        """No per-rank state to re-split. A folder position means the same images on any world size (every step
+        reads the same slice of the epoch's permutation); WebDataset shards are dealt to the ranks instead."""
+        if self.cfg.data.format == "wds":
+            log.warning("data.format wds: shards are dealt to ranks, so on %d ranks instead of %d the rest of "
+                        "this epoch reads another share of its samples (some may repeat or be missed until the "
+                        "epoch ends)", self.ctx.world, len(states))
+
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model
         return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}
