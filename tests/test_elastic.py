@@ -80,7 +80,7 @@ def assert_continues(runs, old, new, extra=()):
     """The leg from ``old`` to ``new`` ranks logged the reference's losses for the steps it trained."""
     ref, chain, legs = runs
     start, stop = (2, 4) if (old, new) == (1, 2) else (4, 6)
-    assert f"written by {old} ranks and continues on {new}" in legs[old, new]
+    assert f"written by {old} rank(s) and continues on {new} " in legs[old, new]
     assert f"resumed from step_{start:08d} at step {start}" in legs[old, new]
     want, got = records(ref), records(chain)
     steps = [k for k in sorted(want) if start < k[1] <= stop]

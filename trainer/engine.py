@@ -198,7 +198,7 @@ class Trainer:
                 self.averager.load_state_dict(saved)
         if elastic:
             self.recipe.load_rank_states([_load_rank_state(tag_dir, r)["recipe"] for r in range(saved_world)])
-            log.info("checkpoint %s was written by %d ranks and continues on %d (global batch %d unchanged); "
+            log.info("checkpoint %s was written by %d rank(s) and continues on %d (global batch %d unchanged); "
                      "per-rank RNG streams start fresh", tag, saved_world, self.ctx.world, self.plan.global_batch)
         elif own is not None:
             restore_rng(own["rng"])
@@ -403,11 +403,11 @@ def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> d
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
     if path is None:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded; resume from an earlier tag")
-    files = _zero_files(ckpt_dir / tag, saved_world)
-    whole, shared = _whole_optimizer_state(files)
+    whole, alike, groups = _whole_optimizer_state(_zero_files(ckpt_dir / tag, saved_world))
     opt = engine.optimizer
     lp_groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
     hp_groups = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
+    states = {}
     for g, (lps, flat) in enumerate(zip(lp_groups, hp_groups)):
         keys = {key for lp in lps for key in whole[g].get(opt.param_names[lp], {})} - {"fp32"}
         state = {key: torch.zeros_like(flat) for key in keys}
@@ -423,8 +423,10 @@ def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> d
             for key, value in saved.items():
                 target = flat.data if key == "fp32" else state[key]
                 target.narrow(0, dst.start, dst.numel).copy_(value.narrow(0, src.start, src.numel))
-        opt.optimizer.state[flat] = {**shared[g]["state"], **state}
-        opt.optimizer.param_groups[g].update(shared[g]["group"])
+        states[g] = {**alike[g], **state}
+    # torch's own load: one flat partition per group, as saved; it puts each value where the optimizer wants it
+    groups = groups or opt.optimizer.state_dict()["param_groups"]
+    opt.optimizer.load_state_dict({"state": states, "param_groups": groups})
     opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its per-parameter views at the next step
     return client or {}
 
@@ -439,35 +441,34 @@ def _zero_files(tag_dir: Path, world: int) -> list[Path]:
     return files
 
 
-def _whole_optimizer_state(files: list[Path]) -> tuple[list[dict[str, dict[str, torch.Tensor]]], list[dict]]:
-    """Per group: {parameter name: {"fp32": master weights, state key: values}} flattened over the whole
-    parameter, and the state every rank holds alike (e.g. Adam's step) with the group's hyperparameters."""
+def _whole_optimizer_state(files: list[Path]) -> tuple[list[dict[str, dict[str, torch.Tensor]]], list[dict], list]:
+    """Per group, {parameter name: {"fp32": master weights, state key: values}} over the whole flattened parameter
+    and the state all ranks hold alike (e.g. Adam's step); and the saved param_groups (None if not saved)."""
     pieces: list[dict[str, dict[str, list[torch.Tensor]]]] = []
-    shared: list[dict] = []
+    alike: list[dict] = []
+    groups = None
     for path in files:
         sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         base = sd["base_optimizer_state"]  # torch's state_dict; DeepSpeed's elastic layout is a list per group
         states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-        groups = base.get("param_groups", []) if isinstance(base, dict) else []
+        if groups is None and isinstance(base, dict):
+            groups = base["param_groups"]
         for g, mapping in enumerate(sd["param_slice_mappings"]):
             fp32 = sd["single_partition_of_fp32_groups"][g]
             sizes = {fp32.numel(), fp32.numel() + sd["group_paddings"][g]}  # with or without the last rank's padding
             flat = {"fp32": fp32}
-            alike = {}
+            if len(pieces) <= g:
+                pieces.append({})
+                alike.append({})
             for key, value in states.get(g, {}).items():
                 if torch.is_tensor(value) and value.dim() == 1 and value.numel() in sizes:
                     flat[key] = value
                 else:
-                    alike[key] = value
-            if len(pieces) <= g:
-                pieces.append({})
-                shared.append({"state": alike,
-                               "group": {k: v for k, v in (groups[g] if g < len(groups) else {}).items()
-                                         if k != "params"}})
+                    alike[g].setdefault(key, value)
             for name, at in mapping.items():
                 slices = pieces[g].setdefault(name, {})
                 for key, value in flat.items():
                     slices.setdefault(key, []).append(value.narrow(0, at.start, at.numel))
     whole = [{name: {key: torch.cat(parts) for key, parts in slices.items()} for name, slices in group.items()}
              for group in pieces]
-    return whole, shared
+    return whole, alike, groups
