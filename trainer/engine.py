@@ -398,7 +398,8 @@ def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> d
     follow the world size); the fp32 master weights and optimizer state are then rebuilt here, parameter by
     parameter: every rank's file maps parameter names to slices of its partition (the mapping DeepSpeed's
     universal checkpoints are made from), so each parameter's whole state is the concatenation of its slices,
-    and this rank copies out the slices its own partition holds. Returns the client state.
+    and this rank copies out the slices its own partition holds. Like DeepSpeed's own elastic load, every rank
+    reads every old rank's file: the whole optimizer state passes through host memory once. Returns the client state.
     """
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
     if path is None:
