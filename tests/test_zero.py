@@ -47,10 +47,3 @@ def test_zero2_run_resumes(zero_runs):
     assert "resumed from step_00000010 at step 10" in out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000015"
 
-
-def test_zero_checkpoint_at_another_world_size_is_a_clear_error(zero_runs):
-    proc = launch("train.py", ["--run-dir", str(zero_runs[1]), "--resume", "--set", "train.max_steps=20"], ranks=1)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "2 ranks under ZeRO stage 1" in errors[0] and "resume with 2 ranks" in errors[0]

@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -15,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, choose_resume_tag, load_weights,
-                         param_digest, read_average_state, read_client_state, read_latest_tag,
+                         param_digest, rank_file, read_average_state, read_client_state, read_latest_tag,
                          recover_interrupted, resolve_tag, step_tag)
 from .config import RecipeConfig, deep_merge, to_yaml
 from .distributed import DistContext, all_reduce_sums, barrier, broadcast_object
@@ -167,11 +168,6 @@ class Trainer:
                 f"checkpoint {tag} belongs to recipe '{trainer['recipe']}', not '{self.spec.name}'; "
                 "resume it with its own recipe"
             )
-        if trainer.get("world") not in (None, self.ctx.world) and self.cfg.train.zero_stage > 0:
-            raise CheckpointError(
-                f"checkpoint {tag} was written by {trainer['world']} ranks under ZeRO stage {self.cfg.train.zero_stage} "
-                f"and DeepSpeed cannot load it on {self.ctx.world}; resume with {trainer['world']} ranks"
-            )
         check_signature(self.recipe.checkpoint_signature(), saved, tag)
 
     def _init_weights(self, model: torch.nn.Module, source: str, which: str) -> None:
@@ -209,7 +205,16 @@ class Trainer:
         log.info("saved checkpoint %s at step %d", tag, self.state.step)
 
     def _restore(self, tag: str) -> None:
-        client, rank_state = self.ckpt.load(tag)
+        """Continue from ``tag``, on the world size it was written by or on another (elastic resume): the global
+        batch is the same, so the data position means the same samples; ZeRO's partitioned optimizer state is
+        re-cut for this world and the recipe re-splits its per-rank state."""
+        tag_dir = self.ckpt.dir / tag
+        saved_world = _saved_world(tag_dir, self.ctx.world)
+        elastic = saved_world != self.ctx.world
+        if elastic and _partitions_optimizer(self.engine.optimizer):
+            client, own = _load_repartitioned(self.engine, self.ckpt.dir, tag, saved_world), None
+        else:
+            client, own = self.ckpt.load(tag)
         for k, v in client["trainer"].items():
             if hasattr(self.state, k):
                 setattr(self.state, k, v)
@@ -218,13 +223,15 @@ class Trainer:
             saved = read_average_state(self.ckpt.dir, tag)
             if saved is not None:
                 self.averager.load_state_dict(saved)
-        same_world = client["trainer"].get("world") == self.ctx.world
-        if rank_state is not None and same_world:
-            restore_rng(rank_state["rng"])
-            self.recipe.load_rank_state_dict(rank_state["recipe"])
+        if elastic:
+            self.recipe.load_rank_states([_load_rank_state(tag_dir, r)["recipe"] for r in range(saved_world)])
+            log.info("checkpoint %s was written by %d rank(s) and continues on %d (global batch %d unchanged); "
+                     "per-rank RNG streams start fresh", tag, saved_world, self.ctx.world, self.plan.global_batch)
+        elif own is not None:
+            restore_rng(own["rng"])
+            self.recipe.load_rank_state_dict(own["recipe"])
         else:
-            log.warning("checkpoint %s was written by %s ranks; per-rank RNG and state start fresh on %d ranks",
-                        tag, client["trainer"].get("world"), self.ctx.world)
+            log.warning("checkpoint %s has no per-rank state; per-rank RNG and state start fresh", tag)
         log.info("resumed from %s at step %d (epoch %d)", tag, self.state.step, self.state.epoch)
 
     # ----------------------------------------------------------------- evaluation
@@ -462,3 +469,103 @@ class Trainer:
 
 def _short(v: float) -> str:
     return f"{v:.4g}"
+
+
+# ----------------------------------------------------------------- elastic resume
+def _load_rank_state(tag_dir: Path, rank: int) -> dict:
+    return torch.load(rank_file(tag_dir, rank), map_location="cpu", weights_only=False)
+
+
+def _saved_world(tag_dir: Path, default: int) -> int:
+    """The world size a checkpoint was written by, from rank 0's small file (``default`` if it has none)."""
+    return _load_rank_state(tag_dir, 0)["world"] if rank_file(tag_dir, 0).is_file() else default
+
+
+def _partitions_optimizer(optimizer) -> bool:
+    """Whether DeepSpeed cut the optimizer state over the ranks (ZeRO 1/2, its bf16 optimizer): such state is
+    saved per rank and DeepSpeed refuses it at another world size. Unpartitioned state is saved whole."""
+    return hasattr(optimizer, "_param_slice_mappings")
+
+
+def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> dict:
+    """Load ``tag``, written by ``saved_world`` ranks (another world size), its partitioned optimizer state re-cut.
+
+    DeepSpeed loads the module, scheduler and counters (and refuses only the optimizer state, whose partitions
+    follow the world size); the fp32 master weights and optimizer state are then rebuilt here, parameter by
+    parameter: every rank's file maps parameter names to slices of its partition (the mapping DeepSpeed's
+    universal checkpoints are made from), so each parameter's whole state is the concatenation of its slices,
+    and this rank copies out the slices its own partition holds. Like DeepSpeed's own elastic load, every rank
+    reads every old rank's file: the whole optimizer state passes through host memory once. Returns the client state.
+    """
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
+    if path is None:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded; resume from an earlier tag")
+    whole, alike, groups = _whole_optimizer_state(_zero_files(ckpt_dir / tag, saved_world))
+    opt = engine.optimizer
+    lp_groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
+    hp_groups = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
+    states = {}
+    for g, (lps, flat) in enumerate(zip(lp_groups, hp_groups)):
+        keys = {key for lp in lps for key in whole[g].get(opt.param_names[lp], {})} - {"fp32"}
+        state = {key: torch.zeros_like(flat) for key in keys}
+        for lp in lps:
+            if lp._hp_mapping is None:  # no slice of this parameter in this rank's partition
+                continue
+            name = opt.param_names[lp]
+            saved = whole[g].get(name)
+            if saved is None or saved["fp32"].numel() != lp.numel():
+                raise CheckpointError(f"checkpoint {tag} has no optimizer state of parameter {name} with "
+                                      f"{lp.numel()} values; resume with the model it was written with")
+            src, dst = lp._hp_mapping.lp_fragment_address, lp._hp_mapping.hp_fragment_address
+            for key, value in saved.items():
+                target = flat.data if key == "fp32" else state[key]
+                target.narrow(0, dst.start, dst.numel).copy_(value.narrow(0, src.start, src.numel))
+        states[g] = {**alike[g], **state}
+    # torch's own load: one flat partition per group, as saved; it puts each value where the optimizer wants it
+    groups = groups or opt.optimizer.state_dict()["param_groups"]
+    opt.optimizer.load_state_dict({"state": states, "param_groups": groups})
+    opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its per-parameter views at the next step
+    return client or {}
+
+
+def _zero_files(tag_dir: Path, world: int) -> list[Path]:
+    """The partitioned optimizer files of the ``world`` ranks that wrote a checkpoint, in rank order."""
+    files = [next(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_*optim_states.pt"), None) for r in range(world)]
+    missing = [r for r, f in enumerate(files) if f is None]
+    if missing:
+        raise CheckpointError(f"checkpoint {tag_dir} lacks the optimizer files of ranks {missing}; "
+                              "resume from an earlier tag")
+    return files
+
+
+def _whole_optimizer_state(files: list[Path]) -> tuple[list[dict[str, dict[str, torch.Tensor]]], list[dict], list]:
+    """Per group, {parameter name: {"fp32": master weights, state key: values}} over the whole flattened parameter
+    and the state all ranks hold alike (e.g. Adam's step); and the saved param_groups (None if not saved)."""
+    pieces: list[dict[str, dict[str, list[torch.Tensor]]]] = []
+    alike: list[dict] = []
+    groups = None
+    for path in files:
+        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]  # torch's state_dict; DeepSpeed's elastic layout is a list per group
+        states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+        if groups is None and isinstance(base, dict):
+            groups = base["param_groups"]
+        for g, mapping in enumerate(sd["param_slice_mappings"]):
+            fp32 = sd["single_partition_of_fp32_groups"][g]
+            sizes = {fp32.numel(), fp32.numel() + sd["group_paddings"][g]}  # with or without the last rank's padding
+            flat = {"fp32": fp32}
+            if len(pieces) <= g:
+                pieces.append({})
+                alike.append({})
+            for key, value in states.get(g, {}).items():
+                if torch.is_tensor(value) and value.dim() == 1 and value.numel() in sizes:
+                    flat[key] = value
+                else:
+                    alike[g].setdefault(key, value)
+            for name, at in mapping.items():
+                slices = pieces[g].setdefault(name, {})
+                for key, value in flat.items():
+                    slices.setdefault(key, []).append(value.narrow(0, at.start, at.numel))
+    whole = [{name: {key: torch.cat(parts) for key, parts in slices.items()} for name, slices in group.items()}
+             for group in pieces]
+    return whole, alike, groups

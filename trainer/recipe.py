@@ -120,6 +120,10 @@ class Recipe(ABC):
     def load_rank_state_dict(self, state: dict) -> None:
         pass
 
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Every rank's ``rank_state_dict``, in rank order, saved by a run on ``len(states)`` ranks, another world
+        size than this one (the global batch is the same): take this rank's share. By default, start fresh."""
+
     def checkpoint_signature(self) -> dict:
         """Facts a checkpoint must share with this run to be loadable (vocabulary, shapes)."""
         return {}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer.datasets import ensure_dataset
+from trainer.errors import CheckpointError
 from trainer.recipe import MicroResult, Recipe, TrainStep
 
 from .config import AWDConfig
@@ -149,6 +150,24 @@ class AWDLSTMRecipe(Recipe):
         hidden = state.get("hidden")
         dev = self.ctx.device
         self.hidden = None if hidden is None else [[(h.to(dev), c.to(dev)) for h, c in hs] for hs in hidden]
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Re-split the carried hidden states by column: laid side by side (old rank, then micro-batch) they are
+        the global batch's columns, of which this rank now owns a block, cut into its micro-batches."""
+        parts = [s.get("hidden") for s in states]
+        if any(p is None for p in parts):  # saved at an epoch's start: nothing carried
+            self.hidden = None
+            return
+        micro = [m for part in parts for m in part]
+        layers = [[torch.cat([m[layer][j] for m in micro], dim=1) for j in (0, 1)] for layer in range(len(micro[0]))]
+        plan, dev = self.plan, self.ctx.device
+        if layers[0][0].size(1) != plan.global_batch:
+            raise CheckpointError(f"the checkpoint carries hidden states of {layers[0][0].size(1)} columns but "
+                                  f"data.batch_size is {plan.global_batch}; resume with the global batch it was "
+                                  "written with")
+        start = self.ctx.rank * plan.per_rank
+        self.hidden = [[(h[:, a:a + plan.micro].to(dev), c[:, a:a + plan.micro].to(dev)) for h, c in layers]
+                       for a in range(start, start + plan.per_rank, plan.micro)]
 
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model

@@ -225,6 +225,17 @@ class ImageNetRecipe(Recipe):
     def load_rank_state_dict(self, state: dict) -> None:
         self.loader.skipped = state.get("skipped_train_images", 0)
 
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Rank 0 carries the old ranks' skipped-image total (only the sum is logged). A folder position means
+        the same images on any world size (every step reads the same slice of the epoch's permutation);
+        WebDataset shards are dealt to the ranks instead."""
+        total = sum(s.get("skipped_train_images", 0) for s in states)
+        self.load_rank_state_dict({"skipped_train_images": total if self.ctx.is_main else 0})
+        if self.cfg.data.format == "wds":
+            log.warning("data.format wds: shards are dealt to ranks, so on %d ranks instead of %d the rest of "
+                        "this epoch reads another share of its samples (some may repeat or be missed until the "
+                        "epoch ends)", self.ctx.world, len(states))
+
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model
         return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}

@@ -1,0 +1,118 @@
+"""Elastic resume: a checkpoint written on 2 ranks continues on 1 and one written on 1 continues on 2, under ZeRO
+stages 0, 1 and 2, with the global batch unchanged.
+
+Every dropout is off, so training is deterministic and a resumed run must log the same per-step losses as the run
+it was cut from, up to the reduction order of another world size (rel 1e-5). That holds only if the weights, the
+optimizer state (Adam / AdamW moments, re-cut for the new world under ZeRO), the data position, the AWD-LSTM hidden
+state (re-split by column) and the NT-ASGD average all came back: losing any one moves the losses far more.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SHARED_DATA, check, launch
+
+# A reference run on 1 rank checkpoints every 2 steps; a copy of it cut at step 2 resumes on 2 ranks up to step 4,
+# and that run's own checkpoint resumes on 1 rank up to step 6: both legs must log what the reference logged.
+COMMON = ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1",
+          "train.test_at_end=false", "train.progress=false"]
+
+# Adam, so the optimizer has state to restore; averaging (NT-ASGD) from step 1, so the average spans the cuts;
+# micro-batches of 1 column, so each rank carries several hidden states (2 on 2 ranks, 4 on 1) to re-split.
+AWD = ["--recipe", "awd_ptb", "--set", "data.verify=false", "data.download=false", "model.emsize=32", "model.nhid=48",
+       "model.nlayers=2", "data.bptt=10", "data.batch_size=4", "train.micro_batch_size=1", "data.eval_batch_size=10",
+       "model.dropout=0", "model.dropouth=0", "model.dropouti=0", "model.dropoute=0", "model.wdrop=0",
+       "optim.optimizer=adam", "optim.lr=3e-3", "optim.t0=1", *COMMON]
+
+# A tiny ViT on synthetic images with timm's AdamW; no mixup, no drop rates.
+VIT = ["--recipe", "vit_t", "--set", "data.format=synthetic", "data.train_size=48", "model.num_classes=4",
+       "data.image_size=16", "data.batch_size=8", "data.workers=0", "data.mixup=0", "data.cutmix=0",
+       "data.smoothing=0", "model.kwargs={patch_size: 8, embed_dim: 24, depth: 1, num_heads: 2}", "optim.lr=1e-3",
+       "optim.lr_batch=8", "optim.warmup_epochs=0", "train.epochs=2", *COMMON]
+
+
+def records(run_dir):
+    """The last record of each (split, step): what the run that wrote the directory last logged."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["split"], r["step"]): r for r in rows}
+
+
+def cut(run_dir, dest, step):
+    """A copy of ``run_dir`` as it was right after its checkpoint at ``step``."""
+    shutil.copytree(run_dir, dest)
+    tag = f"step_{step:08d}"
+    for d in (dest / "checkpoints").iterdir():
+        if d.name.startswith("step_") and d.name > tag:
+            shutil.rmtree(d)
+    (dest / "checkpoints" / "latest").write_text(tag)
+    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ptb_slice(tmp_path_factory):
+    """The first lines of real PTB: a small vocabulary and validation set keep each run's evaluation short."""
+    root = tmp_path_factory.mktemp("ptbslice") / "ptb"
+    root.mkdir()
+    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
+        with (SHARED_DATA / "ptb" / f"{split}.txt").open() as src:
+            (root / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
+    return root
+
+
+def elastic_runs(tmp, args, stage):
+    """The reference run (1 rank) and the elastic chain 1 -> 2 -> 1 ranks cut from it: (reference, chain dir,
+    {(old, new): output of the leg that resumed old ranks' checkpoint on new ranks})."""
+    ref, chain = tmp / "reference", tmp / "chain"
+    check(launch("train.py", [*args[:2], "--run-dir", str(ref), *args[2:], f"train.zero_stage={stage}"]))
+    cut(ref, chain, 2)
+    legs = {}
+    for old, new, stop in ((1, 2, 4), (2, 1, 6)):
+        legs[old, new] = check(launch("train.py", ["--run-dir", str(chain), "--resume", "--set",
+                                                   f"train.max_steps={stop}"], ranks=new))
+    return ref, chain, legs
+
+
+def assert_continues(runs, old, new, extra=()):
+    """The leg from ``old`` to ``new`` ranks logged the reference's losses for the steps it trained."""
+    ref, chain, legs = runs
+    start, stop = (2, 4) if (old, new) == (1, 2) else (4, 6)
+    assert f"written by {old} rank(s) and continues on {new} " in legs[old, new]
+    assert f"resumed from step_{start:08d} at step {start}" in legs[old, new]
+    want, got = records(ref), records(chain)
+    steps = [k for k in sorted(want) if start < k[1] <= stop]
+    assert [k[0] for k in steps] == ["train", "train", "valid"]
+    for key in steps:
+        assert key in got, key
+        for name in ("loss", *(extra if key[0] == "train" else ())):
+            assert got[key][name] == pytest.approx(want[key][name], rel=1e-5), (key, name)
+    assert (chain / "checkpoints" / f"step_{stop:08d}" / f"rank_{new - 1:05d}.pt").is_file()
+    assert not (chain / "checkpoints" / f"step_{stop:08d}" / f"rank_{new:05d}.pt").is_file()
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"zero{s}")
+def awd(request, tmp_path_factory, ptb_slice):
+    return elastic_runs(tmp_path_factory.mktemp(f"awd{request.param}"), [*AWD, f"data.root={ptb_slice}"],
+                        request.param)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """ZeRO 2 only: the re-cut is the same code at every stage, and the AWD-LSTM covers them all; this adds timm's
+    AdamW with its two parameter groups (with and without weight decay)."""
+    return elastic_runs(tmp_path_factory.mktemp("vit"), VIT, 2)
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_awd_lstm_resumes_on_another_world_size(awd, old, new):
+    # valid: the averaged weights; asgd_averaged_steps: the average's count, both carried across the cuts
+    assert_continues(awd, old, new, extra=("asgd_averaged_steps",))
+    assert records(awd[0])[("train", 6)]["asgd_averaged_steps"] == 6
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_vit_resumes_on_another_world_size(vit, old, new):
+    assert_continues(vit, old, new)
