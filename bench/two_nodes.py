@@ -63,14 +63,14 @@ def namespaces_allowed() -> bool:
 
 
 class TwoNodes:
-    def __init__(self, work: Path, train_args: list[str]):
+    def __init__(self, work: Path, train_args: list[str], port: int | None = None):
         self.dir = work
         self.dir.mkdir(parents=True, exist_ok=True)
         netns = namespaces_allowed()
         self.addr = "10.77.0.1" if netns else "127.0.0.1"
         hostfile = self.dir / "hostfile"
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-        port = free_port()
+        port = port or free_port()
 
         def node(rank: int) -> str:
             cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),

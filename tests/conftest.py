@@ -10,7 +10,26 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.distributed import free_port  # noqa: E402
+from trainer.distributed import free_port as any_free_port  # noqa: E402
+
+# Under `pytest -n N` (pytest-xdist) N workers run test files side by side on the machine's cores: every process
+# a test starts gets one thread (a rank with two threads collapses when another process takes a core), and each
+# worker draws master ports from its own residue class, so two tests never race for the same port.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    if not WORKER:
+        return any_free_port()
+    index, count = int(WORKER.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    while (port := any_free_port()) % count != index:
+        pass
+    return port
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
@@ -20,14 +39,15 @@ SMALL_AWD = ["data.root=" + str(SHARED_DATA), "model.emsize=100", "model.nhid=20
              "train.test_at_end=false", "train.progress=false"]
 
 
-def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, env: dict | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, env: dict | None = None,
+           port: int | None = None) -> subprocess.CompletedProcess:
     """Run a launch/ script on ``ranks`` CPU ranks: plain python for 1, the deepspeed launcher for more."""
     path = str(ROOT / "launch" / script)
     if ranks == 1:
         cmd = [sys.executable, path, *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), path,
+               *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     # DeepSpeed's op builder must find the venv's ninja, not an older system one: mixing them rebuilds the op.
     full_env["PATH"] = os.pathsep.join([str(BIN), full_env.get("PATH", "")])

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import free_port
 from trainer.analysis import (AnalysisConfig, GradientAnalysis, average_over_ranks, capture_batches, flat_grad,
                               make_grad_fn, preserved_recipe_state)
-from trainer.distributed import DistContext, free_port
+from trainer.distributed import DistContext
 from trainer.errors import ConfigError
 from trainer.recipe import MicroResult, TrainStep
 

@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, launch, output
-from trainer.distributed import free_port
+from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
 from trainer.errors import ConfigError
 from trainer.faults.inject import ENV, FaultPlan
 

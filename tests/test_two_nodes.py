@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench.two_nodes import TwoNodes, kill_stray_nodes
-from conftest import SMALL_AWD
+from conftest import SMALL_AWD, free_port
 
 TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1",
         "train.lost_rank_timeout_s=10"]
@@ -26,7 +26,7 @@ def test_two_nodes_train_together_survive_losing_one_and_resume(tmp_path, shared
     run_dir = tmp_path / "run"
     nodes = TwoNodes(tmp_path / "first", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
                                           "train.max_steps=100000", "train.checkpoint_every=2",
-                                          "train.eval_every=100000"])
+                                          "train.eval_every=100000"], port=free_port())
     deadline = time.monotonic() + 300
     while not [r for r in train_records(run_dir) if r["step"] >= 5]:
         if time.monotonic() > deadline or nodes.proc.poll() is not None:
@@ -50,7 +50,7 @@ def test_two_nodes_train_together_survive_losing_one_and_resume(tmp_path, shared
     assert step >= 4
 
     again = TwoNodes(tmp_path / "second", ["--run-dir", str(run_dir), "--resume", "--set",
-                                           f"train.max_steps={step + 3}"])
+                                           f"train.max_steps={step + 3}"], port=free_port())
     assert again.wait(timeout=300) == 0, again.log(0)[-3000:] + again.log(1)[-3000:]
     assert f"resumed from {tag} at step {step}" in again.log(0)
     assert [r["step"] for r in train_records(run_dir)][-3:] == [step + 1, step + 2, step + 3]
