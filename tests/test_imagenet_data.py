@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 from recipes.imagenet.data import (
-    BlockSampler, SkipCollate, build_transforms, count_wds_samples, default_workers, eval_loader, open_split,
-    train_loader,
+    BlockSampler, SampleKey, SkipCollate, build_transforms, count_wds_samples, default_workers, eval_loader,
+    open_split, train_loader,
 )
 from trainer.distributed import DistContext
 from trainer.errors import DataError
+from trainer.rng import capture_rng
 
 CLASSES = ["zebra", "apple", "mango"]  # creation order differs from sorted order on purpose
 COLOURS = {"zebra": (200, 30, 30), "apple": (30, 200, 30), "mango": (30, 30, 200)}
@@ -41,6 +42,11 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 @pytest.fixture(scope="module")
 def tf():
     return build_transforms(32, train=False)  # deterministic, so loaded batches can be compared
+
+
+@pytest.fixture(scope="module")
+def augment():
+    return build_transforms(32, train=True)  # random crop, flip, RandAugment and erasing
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +175,26 @@ def test_start_batch_resumes_the_same_epoch(tree, tf):
     one_line_data_error(lambda: full.set_epoch(2, start_batch=10), "10")
 
 
+def same_streams(a: dict, b: dict) -> bool:
+    return (a["python"] == b["python"] and np.array_equal(a["numpy"][1], b["numpy"][1])
+            and a["numpy"][2:] == b["numpy"][2:] and torch.equal(a["torch"], b["torch"]))
+
+
+def test_augmentation_replays_whatever_the_workers_and_the_resume(tree, augment):
+    train = open_split(tree, "train", augment)
+    before = capture_rng()
+    full = list(train_loader(train, ctx(), 4, workers=0, seed=5, epoch=2))
+    assert same_streams(before, capture_rng())  # loading in the training process leaves dropout's streams alone
+    resumed = list(train_loader(train, ctx(), 4, workers=2, seed=5, epoch=2, start_batch=3))
+    assert len(resumed) == len(full) - 3
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, full[3:]))
+
+    i = next(i for i in range(len(train)) if train[i] is not None)
+    assert torch.equal(train[SampleKey(i, 5, 2)][0], train[SampleKey(i, 5, 2)][0])
+    assert not torch.equal(train[SampleKey(i, 5, 2)][0], train[SampleKey(i, 5, 3)][0])  # new draws each epoch
+    assert not torch.equal(train[i][0], train[i][0])  # a plain index (evaluation) is not seeded
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_covers_every_image_exactly_once(tree, tf, world):
     val = open_split(tree, "val", tf)
@@ -272,6 +298,23 @@ def test_wds_resume_with_workers(shards, tf):
     for k in (3, 4):  # resume on either worker's turn
         full.set_epoch(3, start_batch=k)
         assert run_epoch(full) == batches[k:]
+
+
+def test_wds_augmentation_follows_the_sample_not_the_worker(shards, augment):
+    train = open_split(shards, "train", augment, format="wds", samples=24)
+
+    def by_label(workers, epoch=1, start_batch=0):  # a sample's label is its index
+        loader = train_loader(train, ctx(), 2, workers=workers, seed=4, epoch=epoch, start_batch=start_batch,
+                              shuffle_buffer=5)
+        return {int(y): x for b in loader for x, y in zip(b.images, b.labels)}
+
+    one, two = by_label(1), by_label(2)
+    assert one.keys() == two.keys() == set(range(24)) - {CORRUPT}
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    resumed = by_label(2, start_batch=3)
+    assert len(resumed) >= 5 and all(torch.equal(resumed[k], two[k]) for k in resumed)
+    other = by_label(2, epoch=2)
+    assert all(not torch.equal(other[k], two[k]) for k in other)  # new draws each epoch
 
 
 def test_wds_eval_covers_every_sample_exactly_once(shards, tf):

@@ -2,13 +2,20 @@
 
 DeepSpeed saves the module, optimizer and scheduler, and the client state once (rank 0). Exact
 resume also needs each rank's RNG streams and recipe state (e.g. a carried LSTM hidden state);
-those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files, written before DeepSpeed moves
-``latest``, so ``latest`` never names a tag with missing rank files.
+those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files.
+
+A save is atomic: everything is written under ``<tag>.partial/``; once every rank is done, rank 0 records
+each file's size and SHA-256 in ``manifest.json``, renames the directory to ``<tag>`` (an existing ``<tag>``,
+e.g. ``best``, is moved aside first and removed after) and only then rewrites ``latest`` (temporary file,
+then rename). A job killed at any moment leaves the previous checkpoints and ``latest`` intact. Loading
+checks the manifest; a resume falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +27,12 @@ from .distributed import DistContext, barrier
 from .optim.sharded_average import copy_flat_into
 from .errors import CheckpointError
 
+log = logging.getLogger("trainer")
+
 BEST = "best"
+PARTIAL = ".partial"  # a save in progress (or one a crash interrupted)
+REPLACED = ".old"  # the previous copy of a tag being replaced, until the new one is in place
+MANIFEST = "manifest.json"
 STEP_TAG = re.compile(r"^step_(\d+)$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 AVERAGE_FILE = "averaged.pt"  # the NT-ASGD state: whole average, independent of the world size
@@ -49,17 +61,122 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(tag_dir: Path) -> None:
+    entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tag_dir)}
+    _atomic_write_text(tag_dir / MANIFEST, json.dumps(entries, indent=1))
+
+
+def verify(ckpt_dir: Path, tag: str) -> str | None:
+    """Why checkpoint ``tag`` cannot be trusted, or None when every file matches its manifest. A tag
+    written before manifests existed passes when its model states are there."""
+    tag_dir = ckpt_dir / tag
+    if not (tag_dir / MODEL_STATES).is_file():
+        return f"{MODEL_STATES} is missing"
+    if not (tag_dir / MANIFEST).is_file():
+        return None
+    try:
+        entries = json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is unreadable"
+    for name, want in entries.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes where {want['bytes']} were written (truncated)"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its SHA-256 (corrupted)"
+    return None
+
+
+def _publish(ckpt_dir: Path, tag: str) -> None:
+    """``<tag>.partial`` becomes ``<tag>``; an existing ``<tag>`` is renamed aside first, so at every moment
+    one complete copy exists under a name :func:`recover_interrupted` understands."""
+    final, staging, old = ckpt_dir / tag, ckpt_dir / (tag + PARTIAL), ckpt_dir / (tag + REPLACED)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(ckpt_dir: Path) -> None:
+    """After a crash mid-save: drop unfinished ``.partial`` saves, put back a ``.old`` copy whose
+    replacement never arrived. Only the training job calls this (on rank 0, before it saves anything)."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.is_dir() and p.name.endswith(PARTIAL):
+            log.warning("removing %s: a checkpoint save that did not finish", p.name)
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_dir() and p.name.endswith(REPLACED):
+            final = p.with_name(p.name[: -len(REPLACED)])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.rename(p, final)
+
+
 def read_latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
 
 
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """Step checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and STEP_TAG.match(p.name))
+
+
 def resolve_tag(ckpt_dir: Path, which: str) -> str:
-    """``best``, ``latest`` or an explicit tag, checked to exist."""
+    """``best``, ``latest`` or an explicit tag, checked to exist and to match its manifest."""
     tag = read_latest_tag(ckpt_dir) if which == "latest" else which
     if tag is None or not (ckpt_dir / tag / MODEL_STATES).is_file():
         raise CheckpointError(f"no '{which}' checkpoint in {ckpt_dir}; train the run further or pick another --checkpoint")
+    problem = verify(ckpt_dir, tag)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} is damaged: {problem}; pick another --checkpoint "
+                              f"(step tags: {', '.join(step_tags(ckpt_dir)) or 'none'})")
     return tag
+
+
+def choose_resume_tag(ckpt_dir: Path) -> str:
+    """``latest`` if it verifies, else the newest step checkpoint that does, each rejection logged."""
+    latest = read_latest_tag(ckpt_dir)
+    candidates = ([latest] if latest else []) + [t for t in reversed(step_tags(ckpt_dir)) if t != latest]
+    rejected = []
+    for tag in candidates:
+        problem = verify(ckpt_dir, tag)
+        if problem is None:
+            if rejected:
+                log.warning("resuming from %s instead: %s", tag, "; ".join(rejected))
+            return tag
+        rejected.append(f"checkpoint {tag} is unusable ({problem})")
+    raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: {'; '.join(rejected) or 'none written'}; "
+                          "start a new run without --resume")
 
 
 def _load_file(path: Path) -> dict:
@@ -100,22 +217,30 @@ class Checkpointer:
     def save(self, tag: str, client_state: dict, rank_state: dict, save_latest: bool = True,
              shared: dict[str, dict] | None = None) -> Path:
         """``shared`` files (name -> object) are the same on every rank and written once, by rank 0."""
-        tag_dir = self.dir / tag
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(rank_state, rank_file(tag_dir, self.ctx.rank))
+        staging = self.dir / (tag + PARTIAL)
+        if self.ctx.is_main and staging.exists():
+            shutil.rmtree(staging)
+        barrier(self.ctx)
+        staging.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(rank_state, rank_file(staging, self.ctx.rank))
         if self.ctx.is_main:
             for name, obj in (shared or {}).items():
-                _atomic_torch_save(obj, tag_dir / name)
+                _atomic_torch_save(obj, staging / name)
         barrier(self.ctx)
-        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=save_latest)
-        if self.ctx.is_main and save_latest:
-            self._prune()
+        self.engine.save_checkpoint(str(self.dir), tag=staging.name, client_state=client_state, save_latest=False)
+        barrier(self.ctx)  # every rank's files are complete
+        if self.ctx.is_main:
+            write_manifest(staging)
+            _publish(self.dir, tag)
+            if save_latest:
+                _atomic_write_text(self.dir / "latest", tag)
+                self._prune()
         barrier(self.ctx)
-        return tag_dir
+        return self.dir / tag
 
     def _prune(self) -> None:
         latest = read_latest_tag(self.dir)
-        steps = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and STEP_TAG.match(p.name))
+        steps = step_tags(self.dir)
         for name in steps[: max(0, len(steps) - self.keep_last)]:
             if name != latest:
                 shutil.rmtree(self.dir / name, ignore_errors=True)

@@ -65,7 +65,10 @@ def train(args: argparse.Namespace) -> int:
     run = resolve_run_dir(args.run_dir, spec.name, args.resume, ctx)
     args.run_dir = str(run.path)  # crash logs go to the run
     log.info("run %s: recipe %s on %d rank(s)", run.path, spec.name, ctx.world)
-    state = Trainer(spec, cfg, ctx, run, resume=args.resume).fit()
+    trainer = Trainer(spec, cfg, ctx, run, resume=args.resume)
+    state = trainer.fit()
+    if trainer.preempted is not None:
+        return 0  # a clean stop: the checkpoint is written and the log says how to continue
     best = "none" if state.best is None else f"{state.best:.4f}"
     log.info("done: %d steps, best valid %s %s; run directory %s", state.step, spec.factory.best_metric, best,
              run.path)

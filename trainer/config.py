@@ -40,6 +40,11 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged last into the DeepSpeed config")
     init_from: str | None = Field(None, description="start from the weights of this run directory's checkpoint")
     init_checkpoint: str = Field("best", description="which checkpoint of init_from: best, latest or a tag")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a nan/inf loss on any rank: stop (the last good checkpoint is kept) or skip the step")
+    max_consecutive_skips: int = Field(20, ge=1, description="on_nonfinite=skip: stop after this many in a row")
+    lost_rank_timeout_s: float = Field(
+        60.0, ge=1, description="end the job when a rank has not answered for this long (same node: ~2 s)")
 
 
 class DataConfig(Section):

@@ -14,13 +14,15 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, load_weights, param_digest,
-                         read_average_state, read_client_state, read_latest_tag, resolve_tag, step_tag)
+from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, choose_resume_tag, load_weights,
+                         param_digest, read_average_state, read_client_state, read_latest_tag,
+                         recover_interrupted, resolve_tag, step_tag)
 from .config import RecipeConfig, deep_merge, to_yaml
-from .distributed import DistContext, all_reduce_sums, barrier
+from .distributed import DistContext, all_reduce_sums, barrier, broadcast_object
 from .errors import CheckpointError, ConfigError, UserError
 from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
+from .faults import FaultPlan, PeerWatchdog, PreemptionSignals, StepGate, StepVerdict, agree_on_step
 from .monitor import Monitor
 from .optim import build_averager
 from .recipe import BatchPlan, Recipe
@@ -85,6 +87,8 @@ class LoopState:
     best: float | None = None  # the best validation value of the recipe's best_metric so far
     last_eval_step: int = -1
     last_ckpt_step: int = -1
+    skipped_steps: int = 0  # steps whose update was vetoed for a non-finite loss (train.on_nonfinite=skip)
+    consecutive_skips: int = 0
 
 
 class Trainer:
@@ -99,7 +103,7 @@ class Trainer:
         self.state = LoopState()
 
         self.recipe.setup()
-        resume_tag = read_latest_tag(run_dir.checkpoints) if resume else None
+        resume_tag = self._resume_tag() if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
         if ctx.is_main:
@@ -115,6 +119,7 @@ class Trainer:
             self.analysis = GradientAnalysis(cfg.analysis, model, ctx, seed=cfg.seed)
             self._analysis_batches = capture_batches(self.recipe, cfg.analysis.needed_batches)
         optimizer = self.recipe.build_optimizer(model)
+        self.gate = StepGate(optimizer)  # DeepSpeed's wrappers and the scheduler's step tracking call through it
         self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -129,10 +134,32 @@ class Trainer:
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
         self.averager = build_averager(cfg.optim, self.engine.module, ctx)
         self._stop_requested = False
+        self.preempted: str | None = None
+        self.faults = FaultPlan.from_env(ctx.rank)
         if resume_tag:
             self._restore(resume_tag)
+        self.preemption = PreemptionSignals()
+        self.watchdog = None
+        if ctx.world > 1:
+            self.watchdog = PeerWatchdog(ctx, cfg.train.lost_rank_timeout_s,
+                                         hint=f"; --resume --run-dir {run_dir.path} continues from its last checkpoint")
 
     # ----------------------------------------------------------------- checkpoints
+    def _resume_tag(self) -> str:
+        """Rank 0 repairs an interrupted save and picks the newest checkpoint that verifies; all ranks
+        share its answer, an error included, so none waits on a rank that gave up."""
+        answer = None
+        if self.ctx.is_main:
+            try:
+                recover_interrupted(self.run_dir.checkpoints)
+                answer = ("tag", choose_resume_tag(self.run_dir.checkpoints))
+            except CheckpointError as e:
+                answer = ("error", str(e))
+        kind, value = broadcast_object(answer, self.ctx)
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
+
     def _check_compatible(self, saved: dict, tag: str) -> None:
         trainer = saved.get("trainer", {})
         if trainer.get("recipe") not in (None, self.spec.name):
@@ -261,17 +288,13 @@ class Trainer:
         sums = all_reduce_sums({k: float(v) for k, v in window.items()}, self.ctx)
         n = sums.pop("_micro")
         units = sums.pop("_units")
-        means = {k: v / n for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
-            raise TrainingError(
-                f"training loss became {means.get('loss')} by step {self.state.step}; "
-                "lower optim.lr or raise optim.clip, then --resume from the last checkpoint"
-            )
-        metrics = self.recipe.train_metrics(means)
+        metrics = self.recipe.train_metrics({k: v / n for k, v in sums.items()}) if n else {}
         rate = {f"{self.recipe.unit}_per_s": units / elapsed}
         s = self.state
         averaging = self.averager.scalars() if self.averager is not None else {}
         extra = {**rate, **{k.replace("/", "_"): v for k, v in averaging.items()}}
+        if s.skipped_steps:
+            extra["skipped_steps"] = s.skipped_steps
         if self.averager is not None and self.averager.start_step is not None:
             extra["asgd_start_step"] = self.averager.start_step
         self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr}, extra)
@@ -280,31 +303,88 @@ class Trainer:
         if self._bar is not None:
             self._bar.set_postfix({k: _short(v) for k, v in {**metrics, **rate}.items()})
 
-    def _step(self, ts, window: dict) -> float:
-        """One optimizer step over the step's micro-batches; returns the scheduled learning rate."""
+    def _step(self, ts, window: dict) -> tuple[float, StepVerdict]:
+        """One optimizer step over the step's micro-batches; returns the scheduled learning rate and what the
+        ranks agreed on before the update (a non-finite loss anywhere vetoes it, a signal anywhere preempts)."""
         recipe, engine, s = self.recipe, self.engine, self.state
         lr = self._set_lr(ts.lr_scale)
         self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
-        for micro in ts.micro_batches:
+        if self.faults:
+            self.faults.signal_self(s.step + 1)
+        finite = torch.ones((), dtype=torch.bool, device=self.ctx.device)
+        step_metrics: dict = {}
+        last = len(ts.micro_batches) - 1
+        for k, micro in enumerate(ts.micro_batches):
             out = recipe.micro_loss(engine, micro)
-            engine.backward(out.loss)
+            loss = self.faults.corrupt_loss(out.loss, s.step + 1) if self.faults else out.loss
+            finite &= torch.isfinite(loss.detach()).all()
+            engine.backward(loss)
+            if k == last:  # after every backward, before DeepSpeed applies the update
+                verdict = agree_on_step(self.ctx, self.preemption.requested, finite)
+                self.gate.closed = verdict.nonfinite_rank is not None
             engine.step()
-            for k, v in out.metrics.items():
-                window[k] = window.get(k, 0.0) + v.detach().float()
-            window["_micro"] += 1
+            for name, v in out.metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + v.detach().float()
+        self.gate.closed = False
         window["_units"] += ts.units
         s.step += 1
         s.steps_in_epoch += 1
         s.position = ts.position
-        if self.averager is not None:
-            self.averager.after_step(s.step)
-        return lr
+        if verdict.nonfinite_rank is not None:
+            self._skip_nonfinite(verdict.nonfinite_rank)
+        else:
+            s.consecutive_skips = 0
+            for name, v in step_metrics.items():
+                window[name] = window.get(name, 0.0) + v
+            window["_micro"] += len(ts.micro_batches)
+            if self.averager is not None:
+                self.averager.after_step(s.step)
+        return lr, verdict
+
+    def _skip_nonfinite(self, rank: int) -> None:
+        """The update was vetoed on every rank: the weights and optimizer state are those of the last step."""
+        s = self.state
+        policy = self.cfg.train.on_nonfinite
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        self.monitor.scalars(s.step, {"train/skipped_steps": s.skipped_steps})
+        kept = read_latest_tag(self.run_dir.checkpoints) or "none yet"
+        if policy == "stop":
+            raise TrainingError(
+                f"training loss is nan or inf at step {s.step} (rank {rank}); stopped without applying that step, "
+                f"the last good checkpoint ({kept}) is kept: lower optim.lr or raise optim.clip, or set "
+                "train.on_nonfinite=skip, then --resume")
+        if s.consecutive_skips > self.cfg.train.max_consecutive_skips:
+            raise TrainingError(
+                f"training loss was nan or inf for {s.consecutive_skips} steps in a row up to step {s.step}; "
+                f"the run has diverged, the last good checkpoint ({kept}) is kept: lower optim.lr or raise "
+                "optim.clip, then --resume")
+        log.warning("step %d: loss is nan or inf (rank %d): update skipped, %d skipped so far "
+                    "(train.on_nonfinite=skip)", s.step, rank, s.skipped_steps)
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
-        return self._stop_requested or bool(max_steps and self.state.step >= max_steps)
+        return self._stop_requested or self.preempted is not None or bool(max_steps and self.state.step >= max_steps)
 
     def fit(self) -> LoopState:
+        """Train to the end, or to a preemption checkpoint. A failure that is really a lost peer (a collective
+        raising because a rank died) is left to the watchdog, which names the rank and ends the process."""
+        try:
+            state = self._fit()
+        except BaseException as e:
+            if self.watchdog is not None and not isinstance(e, UserError):
+                self.watchdog.await_verdict()
+            self._close(ok=False)
+            raise
+        self._close(ok=True)
+        return state
+
+    def _close(self, ok: bool) -> None:
+        self.preemption.close()
+        if self.watchdog is not None:
+            self.watchdog.stop(ok)
+
+    def _fit(self) -> LoopState:
         cfg, s = self.cfg.train, self.state
         self.engine.module.train()
         window: dict = {}
@@ -314,7 +394,7 @@ class Trainer:
             self._open_bar()
             for ts in self.recipe.train_steps(s.epoch, s.position):
                 window = window or {"_t0": time.perf_counter(), "_micro": 0.0, "_units": 0.0}
-                lr = self._step(ts, window)
+                lr, verdict = self._step(ts, window)
                 if self._bar is not None:
                     self._bar.update(1)
                 if s.step % cfg.log_every == 0:
@@ -329,6 +409,8 @@ class Trainer:
                     self._analyse()
                 if window:  # throughput counts training time only
                     window["_t0"] += time.perf_counter() - paused
+                if verdict.preempt:
+                    self.preempted = self.preemption.received or "a signal to another rank"
                 if self._done():
                     break
             else:
@@ -342,6 +424,8 @@ class Trainer:
             self._close_bar()
         if window and window.get("_micro"):
             self._log_train(window, lr)
+        if self.preempted is not None:
+            return self._checkpoint_and_leave()
         if s.last_eval_step != s.step:
             self._validate()
         if s.last_ckpt_step != s.step:
@@ -349,6 +433,18 @@ class Trainer:
         if cfg.test_at_end:
             self._test_best()
         barrier(self.ctx)
+        return s
+
+    def _checkpoint_and_leave(self) -> LoopState:
+        """Preempted: one checkpoint of the step every rank agreed on, then out, skipping the end-of-run
+        evaluation (the grace period before SIGKILL is short)."""
+        s = self.state
+        if s.last_ckpt_step != s.step:
+            self.save()
+        barrier(self.ctx)
+        if self.ctx.is_main:
+            log.warning("preempted (%s) at step %d: checkpoint %s written; continue with --resume --run-dir %s",
+                        self.preempted, s.step, step_tag(s.last_ckpt_step), self.run_dir.path)
         return s
 
     def _open_bar(self) -> None:

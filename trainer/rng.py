@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,25 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
+def seed_host_rng(seed: int) -> None:
+    """Python's, numpy's and torch's CPU streams only; a GPU's (its dropout) is left alone."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    seed_host_rng(seed)
+    torch.manual_seed(seed)  # and every device's generator
+
+
+@contextmanager
+def preserved_host_rng() -> Iterator[None]:
+    """Python's, numpy's and torch's CPU streams left as the block found them, whatever it draws or seeds."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)

@@ -16,13 +16,20 @@ the transform itself is a bug and still propagates.
 Training order is a pure function of (seed, epoch, world size, batch size; for ``wds`` also the worker count):
 ranks read disjoint parts, every rank yields the same number of batches (a rank running short would hang the
 others in the gradient all-reduce), and ``start_batch`` resumes mid-epoch without decoding what it skips.
-Augmentation draws are seeded per rank but are not replayed by a resume. Evaluation covers every image exactly
-once over all ranks, with no padding, so summed metrics reduced over ranks are exact.
+Augmentation is replayed exactly too: before a training sample is transformed, python's, numpy's and torch's
+CPU streams are seeded from (seed, epoch, the sample: its index for ``folder``; for ``wds`` its shard file name,
+key and pass over the shards), so a sample's crop, flip, RandAugment and erasing do not depend on which worker
+transforms it, how many workers there are, or whether the epoch was resumed. Seeding costs ~45 us a sample,
+~0.5% of decoding and transforming a 500x375 JPEG to 224 px (~9 ms on one core); without workers, putting the
+training process's own streams back adds ~0.2 ms. Evaluation samples are not seeded (their transform draws
+nothing) and cover every image exactly once over all ranks, with no padding, so summed metrics reduced over
+ranks are exact.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import itertools
 import logging
@@ -31,6 +38,7 @@ import os
 import random
 import struct
 import tarfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -42,10 +50,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from trainer.distributed import DistContext
 from trainer.errors import DataError
+from trainer.rng import preserved_host_rng, seed_host_rng
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "EpochLoader", "FolderSplit", "WdsSplit", "build_transforms",
-    "count_wds_samples", "default_workers", "eval_loader", "open_split", "train_loader",
+    "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "EpochLoader", "FolderSplit", "SampleKey", "WdsSplit",
+    "build_transforms", "count_wds_samples", "default_workers", "eval_loader", "open_split", "train_loader",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,33 @@ def _mix(*parts: int) -> int:
     """One 63-bit seed from several ints, so (seed, epoch) pairs cannot collide the way ``seed + epoch`` does."""
     state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)
     return int(state[0]) >> 1
+
+
+_AUGMENT = 4  # the last _mix part of augmentation seeds (0-3 seed the data order and the loader)
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler hands the dataset: an index, and what seeds that sample's augmentation."""
+
+    index: int
+    seed: int
+    epoch: int
+
+    def augmentation_seed(self) -> int:
+        return _mix(self.seed, self.epoch, self.index, _AUGMENT)
+
+
+def _augment(transform: Callable, image: Image.Image, seed: int | None) -> torch.Tensor:
+    """``transform(image)``, its random draws seeded by ``seed`` when one is given (training samples).
+
+    A loader worker's streams serve only its transforms; in the training process itself (no workers) they are
+    also dropout's and mixup's, so they are put back afterwards.
+    """
+    if seed is None:
+        return transform(image)
+    with preserved_host_rng() if get_worker_info() is None else nullcontext():
+        seed_host_rng(seed)
+        return transform(image)
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -141,13 +177,8 @@ def _probe_shape(transform: Callable) -> tuple[int, ...]:
 
     The probe leaves every global random stream as it found it, so opening a split never shifts a seeded run.
     """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            out = transform(Image.new("RGB", (64, 64), (124, 116, 104)))
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with preserved_host_rng():
+        out = transform(Image.new("RGB", (64, 64), (124, 116, 104)))
     if not isinstance(out, torch.Tensor):
         raise DataError(f"the image transform returned {type(out).__name__}, not a tensor; "
                         "build it with build_transforms")
@@ -198,10 +229,12 @@ class FolderSplit(_Decoding, Dataset):
     def path(self, i: int) -> Path:
         return self.root / self._paths[i].decode()
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int] | None:
+        """A plain index (evaluation) is transformed unseeded, a :class:`SampleKey` (training) seeded."""
+        i, seed = (key.index, key.augmentation_seed()) if isinstance(key, SampleKey) else (key, None)
         path = self.path(i)
         image = self._read_image(path, str(path))
-        return None if image is None else (self.transform(image), int(self.targets[i]))
+        return None if image is None else (_augment(self.transform, image, seed), int(self.targets[i]))
 
 
 class SyntheticSplit(Dataset):
@@ -223,7 +256,8 @@ class SyntheticSplit(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        i = key.index if isinstance(key, SampleKey) else key
         return self._image, i % len(self.classes)
 
 
@@ -283,7 +317,7 @@ class WdsSplit(_Decoding, IterableDataset):
             stream = self._raw(role, workers, epoch, cycle=True)
             raw = itertools.islice(stream, done * plan.batch_size, total * plan.batch_size)  # skipped: undecoded
         for sample in raw:
-            yield self._decode(sample)
+            yield self._decode(sample, self._augmentation_seed(sample, epoch) if plan.train else None)
 
     def _raw(self, role: int, workers: int, epoch: int, cycle: bool) -> Iterator[dict]:
         plan = self._plan
@@ -311,16 +345,27 @@ class WdsSplit(_Decoding, IterableDataset):
                 samples = _buffer_shuffle(samples, plan.shuffle_buffer, rng)
             for sample in samples:
                 n += 1
+                sample["__pass__"] = p
                 yield sample
             if n == 0 and cycle:
                 raise DataError(f"rank {plan.rank} worker {role} found no samples in its shards "
                                 f"({', '.join(mine[:2]) or 'none'}); check that the shards hold images")
 
+    def _augmentation_seed(self, sample: dict, epoch: int) -> int:
+        """From (seed, epoch, pass, shard file name, key): not from the worker, nor from where the shards live.
+
+        The pass counts a training stream's cycles through its shards, so a sample read twice in an epoch is
+        augmented twice, not replayed.
+        """
+        name = f"{os.path.basename(str(sample.get('__url__')))}/{sample.get('__key__')}"
+        digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+        return _mix(self._plan.seed, epoch, sample["__pass__"], digest, _AUGMENT)
+
     def _tar_error(self, exn: Exception) -> bool:
         log.warning("skipping the rest of a damaged shard: %s", exn)
         return True
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int] | None:
+    def _decode(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
         if data is None or "cls" not in sample:
@@ -332,7 +377,7 @@ class WdsSplit(_Decoding, IterableDataset):
             self._bad(name, f"cls {sample['cls'][:20]!r} is not an integer")
             return None
         image = self._read_image(io.BytesIO(data), name)
-        return None if image is None else (self.transform(image), label)
+        return None if image is None else (_augment(self.transform, image, seed), label)
 
 
 def _congruent_below(n: int, r: int, m: int) -> int:
@@ -481,11 +526,12 @@ class SkipCollate:
                      skipped)
 
 
-class RankSampler(Sampler[int]):
+class RankSampler(Sampler[SampleKey]):
     """This rank's share of a seeded permutation of the split, a new permutation each epoch.
 
     The last ``size % world`` indices of each permutation are left out (different ones each epoch) so all
     ranks get the same count without padding. Resuming slices the index list; nothing is loaded to skip.
+    Iterating yields :class:`SampleKey` s, which seed each sample's augmentation.
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int) -> None:
@@ -502,8 +548,8 @@ class RankSampler(Sampler[int]):
         perm = torch.randperm(self.size, generator=g)[:self.per_rank * self.world]
         return perm[self.rank::self.world][self.skip:].tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+    def __iter__(self) -> Iterator[SampleKey]:
+        return (SampleKey(i, self.seed, self.epoch) for i in self.indices())
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.skip)
@@ -572,7 +618,7 @@ def _dataloader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: in
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
         collate_fn=SkipCollate(dataset.image_shape), pin_memory=ctx.device.type == "cuda",
-        # Worker RNGs (augmentation) derive from this: distinct per rank, fixed per run.
+        # Worker RNGs derive from this: distinct per rank, fixed per run (training samples seed their own).
         generator=torch.Generator().manual_seed(_mix(seed, ctx.rank, 3)), **extra)
 
 

@@ -218,6 +218,13 @@ class ImageNetRecipe(Recipe):
         return {**out, **sums}
 
     # ------------------------------------------------------------------ checkpoints
+    def rank_state_dict(self) -> dict:
+        """This rank's unreadable training images so far, so the logged total goes on across a resume."""
+        return {"skipped_train_images": self.loader.skipped}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.loader.skipped = state.get("skipped_train_images", 0)
+
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model
         return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}

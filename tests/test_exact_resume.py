@@ -1,0 +1,140 @@
+"""Exact resume: a 2-rank run interrupted at a checkpoint and resumed logs what the uninterrupted run logged, bit
+for bit (training losses, learning rates, averaging counts, validation), for both recipe families, mid-epoch and
+at an epoch's end. Every checked step draws random numbers: dropout (early schedules, still moving), DropConnect,
+RandAugment, random erasing, mixup / cutmix, stochastic depth; AWD-LSTM is averaging (NT-ASGD) by then."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SHARED_DATA, SMALL_AWD, check, launch, make_image_folder
+from trainer.checkpoint import read_client_state, step_tag
+
+WALL_CLOCK = ("tokens_per_s", "samples_per_s", "time")  # the only logged values a resume may change
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cut_after(run_dir: Path, step: int) -> int:
+    """How many rows the run had logged when it saved ``step``'s checkpoint: up to that step's training row
+    (the chosen steps have no validation of their own before the save)."""
+    return next(i for i, r in enumerate(rows(run_dir)) if r["split"] == "train" and r["step"] == step) + 1
+
+
+def interrupt(full: Path, dest: Path, step: int) -> Path:
+    """A copy of ``full`` as it would be had the run died right after saving ``step``'s checkpoint."""
+    shutil.copytree(full, dest)
+    metrics = dest / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:cut_after(full, step)]))
+    for tag in (dest / "checkpoints").glob("step_*"):
+        if int(tag.name.removeprefix("step_")) > step:
+            shutil.rmtree(tag)
+    (dest / "checkpoints" / "latest").write_text(step_tag(step))
+    return dest
+
+
+def resume_and_compare(full: Path, tmp_path: Path, step: int, steps: int) -> list[dict]:
+    """Resume an interrupted copy to the end; returns the rows logged after ``step``, equal to the full run's."""
+    run = interrupt(full, tmp_path / f"from_{step}", step)
+    out = check(launch("train.py", ["--run-dir", str(run), "--resume"], ranks=2))
+    assert f"resumed from {step_tag(step)} at step {step}" in out
+    cut = cut_after(full, step)
+    want, got = rows(full)[cut:], rows(run)[cut:]
+    assert [r["step"] for r in got if r["split"] == "train"] == list(range(step + 1, steps + 1))
+    for a, b in zip(got, want):
+        assert a == b  # ==, not approx: the same bits, step by step
+    assert len(got) == len(want)
+    return got
+
+
+def position(run_dir: Path, step: int) -> tuple[int, int]:
+    """(epochs completed, steps into the epoch) saved with ``step``'s checkpoint."""
+    state = read_client_state(run_dir / "checkpoints", step_tag(step))["trainer"]
+    return state["epoch"], state["steps_in_epoch"]
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+# ------------------------------------------------------------------------------------------------ AWD-LSTM
+
+AWD_STEPS, AWD_STOP = 24, 10  # ~20 steps per epoch on the corpus below; interrupted mid-epoch 0 at step 10
+
+
+@pytest.fixture(scope="module")
+def awd_run(tmp_path_factory):
+    """A PTB slice small enough to cross an epoch in ~20 steps; averaging forced from step 5, validation every
+    4 steps (of the average), every dropout rate falling linearly over two epochs, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("awd")
+    corpus = root / "ptb"
+    corpus.mkdir()
+    for split, lines in (("train", 60), ("valid", 30), ("test", 30)):
+        text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)
+        (corpus / f"{split}.txt").write_text("".join(text[:lines]))
+    run_dir = root / "run"
+    check(launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *SMALL_AWD,
+                              f"data.root={corpus}", "data.verify=false", "data.download=false", "model.emsize=32",
+                              "model.nhid=48", "data.bptt=8", "data.batch_size=8", "train.epochs=3",
+                              f"train.max_steps={AWD_STEPS}", "train.log_every=1", "train.eval_every=4",
+                              "train.checkpoint_every=1", "train.keep_last=100", "optim.t0=5",
+                              "drop.mode=early", "drop.schedule=linear", "drop.cutoff_epoch=2"], ranks=2))
+    return run_dir
+
+
+def test_awd_resumes_exactly_mid_epoch_while_averaging(awd_run, tmp_path):
+    assert position(awd_run, AWD_STOP)[0] == 0
+    train = {r["step"]: r for r in rows(awd_run) if r["split"] == "train"}
+    assert train[AWD_STOP]["asgd_averaging"] == 1.0 and train[AWD_STOP]["asgd_start_step"] == 5
+    got = resume_and_compare(awd_run, tmp_path, AWD_STOP, AWD_STEPS)
+    assert sum(r["split"] == "valid" for r in got) >= 3  # the averaged weights, evaluated after the resume
+    for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
+        rates = scalars(awd_run, f"drop/{name}")
+        assert all(rates[s] > 0 for s in range(AWD_STOP + 1, AWD_STEPS + 1)), name
+        assert rates[AWD_STOP + 1] > rates[AWD_STEPS]  # still falling
+
+
+def test_awd_resumes_exactly_at_an_epoch_end(awd_run, tmp_path):
+    last = next(s for s in range(1, AWD_STEPS) if position(awd_run, s + 1) == (1, 1))  # the last step of epoch 0
+    assert last % 4 and last > AWD_STOP  # no validation at that step; averaging on
+    resume_and_compare(awd_run, tmp_path, last, AWD_STEPS)
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet
+
+IMAGE_STEPS = 5  # 3 steps per epoch: 97 images (one undecodable) over 2 ranks at 16 per rank
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A tiny ViT with the recipe's whole augmentation (RandAugment, random erasing, mixup / cutmix) in 2 loader
+    workers per rank, early dropout and stochastic depth, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("image")
+    images = make_image_folder(root / "imagenet", corrupt=True)
+    run_dir = root / "run"
+    check(launch("train.py", ["--recipe", "vit_t_early_dropout", "--run-dir", str(run_dir), "--set",
+                              f"data.root={images}", "data.batch_size=32", "data.image_size=32", "data.workers=2",
+                              "model.kwargs={patch_size: 8, embed_dim: 48, depth: 3, num_heads: 3}",
+                              "train.epochs=4", f"train.max_steps={IMAGE_STEPS}", "train.log_every=1",
+                              "train.checkpoint_every=1", "train.keep_last=100", "train.progress=false",
+                              "optim.lr=2e-3", "optim.lr_batch=32", "optim.warmup_epochs=1",
+                              "drop.dropout=0.3", "drop.drop_path=0.2", "drop.cutoff_epoch=4"], ranks=2))
+    return run_dir
+
+
+@pytest.mark.parametrize("stop", [2, 3], ids=["mid-epoch", "epoch-end"])
+def test_imagenet_resumes_exactly(image_run, tmp_path, stop):
+    assert position(image_run, stop) == (0, stop)
+    got = resume_and_compare(image_run, tmp_path, stop, IMAGE_STEPS)
+    assert any(r["split"] == "valid" and r["skipped_train_images"] >= 1 for r in got)  # the total goes on
+    for tag in ("drop/dropout", "drop/drop_path"):
+        rates = scalars(image_run, tag)
+        assert all(rates[s] > 0 for s in range(stop + 1, IMAGE_STEPS + 1)), tag

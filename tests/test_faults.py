@@ -1,0 +1,194 @@
+"""Faults during a 2-rank run: preemption signals, a rank killed with SIGKILL, a non-finite loss on one rank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, launch, output
+from trainer.distributed import free_port
+
+TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1"]
+
+
+def train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def latest(run_dir):
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def faults_env(spec):
+    return {"TRAINER_FAULTS": spec}
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+def start_detached(args, log_path, ranks=2):
+    """The deepspeed launcher in a session of its own, as a Slurm job step is: a signal to the process group
+    reaches the runner, the launcher and every rank, as Slurm delivers it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env |= {"PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")])}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), *args]
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r["step"] >= step for r in train_records(run_dir)):
+            return
+        assert proc.poll() is None or proc.returncode == 0, "the run ended before it was signalled"
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def wait_group_gone(proc, timeout):
+    """Every process of the job's session has exited (the runner dies at once; the ranks checkpoint first)."""
+    deadline, pgid = time.monotonic() + timeout, proc.pid
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the runner: a zombie still counts as a member of the group
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return time.monotonic()
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"the job was still running {timeout} s after the signal")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path, shared_data, sig):
+    run_dir, log_path = tmp_path / "run", tmp_path / "job.log"
+    proc = start_detached(["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+                           "train.max_steps=100000", "train.checkpoint_every=100000", "train.eval_every=100000"],
+                          log_path)
+    wait_for_step(run_dir, 3, proc)
+    os.killpg(proc.pid, sig)
+    wait_group_gone(proc, timeout=120)
+    out = log_path.read_text()
+    tag = latest(run_dir)
+    step = int(tag.split("_")[1])
+    assert f"preempted ({sig.name}) at step {step}: checkpoint {tag} written" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert sorted(p.name for p in (run_dir / "checkpoints" / tag).glob("rank_*.pt")) == ["rank_00000.pt",
+                                                                                          "rank_00001.pt"]
+    assert [r["step"] for r in train_records(run_dir)][-1] == step  # every finished step logged, none after
+
+    resumed = check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set",
+                                        f"train.max_steps={step + 2}"], ranks=2))
+    assert f"resumed from {tag} at step {step}" in resumed
+    assert [r["step"] for r in train_records(run_dir)][-3:] == [step, step + 1, step + 2]
+
+
+def test_preempted_single_process_exits_zero(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", "awd_ptb", "--run-dir",
+                             str(run_dir), "--set", *TINY, "train.max_steps=100000",
+                             "train.checkpoint_every=100000", "train.eval_every=100000"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"checkpoint {latest(run_dir)} written" in out
+
+
+# ---------------------------------------------------------------------------------------------- a lost rank
+def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    args = ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY, "train.max_steps=12",
+            "train.checkpoint_every=2", "train.eval_every=100000"]
+    started = time.monotonic()
+    proc = launch("train.py", args, ranks=2, env=faults_env("sigkill@7:1"), timeout=240)
+    out = output(proc)
+    assert proc.returncode != 0
+    lost = [line for line in error_lines(proc) if "lost rank 1" in line]
+    assert lost and "--resume" in lost[0], out[-3000:]
+    assert "Traceback" not in out
+    assert latest(run_dir) == "step_00000006"
+    assert time.monotonic() - started < 200  # far below the 10-minute collective timeout it would hang for
+
+    resumed = check(launch("train.py", ["--run-dir", str(run_dir), "--resume"], ranks=2))
+    assert "resumed from step_00000006 at step 6" in resumed
+    assert [r["step"] for r in train_records(run_dir)][-6:] == [7, 8, 9, 10, 11, 12]
+
+
+# ---------------------------------------------------------------------------------------------- non-finite loss
+def test_nan_on_one_rank_stops_every_rank_keeping_the_last_good_checkpoint(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+                               "train.max_steps=10", "train.checkpoint_every=2", "train.eval_every=100000"],
+                  ranks=2, env=faults_env("nan_loss@5:1"))
+    assert proc.returncode == 2, output(proc)[-3000:]
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "nan or inf at step 5 (rank 1)" in errors[0] and "step_00000004" in errors[0]
+    assert "Traceback" not in output(proc)
+    assert latest(run_dir) == "step_00000004"
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4]  # nothing non-finite was logged
+
+
+def _module_state(run_dir, tag):
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)["module"]
+
+
+def _zero_partition(run_dir, tag, rank):
+    path = run_dir / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+
+
+def test_skipped_nonfinite_steps_leave_weights_and_optimizer_state_untouched(tmp_path, shared_data):
+    """ZeRO 2 with NT-ASGD averaging on: a skipped step changes neither the weights nor the optimizer's
+    partitions; training goes on after it."""
+    run_dir = tmp_path / "run"
+    out = check(launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+                                    "train.max_steps=6", "train.checkpoint_every=1", "train.keep_last=10",
+                                    "train.eval_every=100000", "train.zero_stage=2", "train.on_nonfinite=skip",
+                                    "optim.t0=1"],
+                       ranks=2, env=faults_env("nan_loss@3:1,inf_loss@4:0")))
+    assert "step 3: loss is nan or inf (rank 1): update skipped" in out
+    assert "step 4: loss is nan or inf (rank 0): update skipped, 2 skipped so far" in out
+    records = {r["step"]: r for r in train_records(run_dir)}
+    assert "loss" not in records[3] and "loss" not in records[4] and records[4]["skipped_steps"] == 2
+    assert all(torch.isfinite(torch.tensor(records[s]["loss"])) for s in (1, 2, 5, 6))
+
+    tags = {s: f"step_{s:08d}" for s in range(2, 6)}
+    for a, b in ((2, 3), (3, 4)):
+        for name, t in _module_state(run_dir, tags[a]).items():
+            assert torch.equal(t, _module_state(run_dir, tags[b])[name]), name
+        for rank in (0, 1):
+            before, after = _zero_partition(run_dir, tags[a], rank), _zero_partition(run_dir, tags[b], rank)
+            for x, y in zip(before["single_partition_of_fp32_groups"], after["single_partition_of_fp32_groups"]):
+                assert torch.equal(x, y)
+    changed = _module_state(run_dir, tags[5])
+    assert any(not torch.equal(t, changed[n]) for n, t in _module_state(run_dir, tags[4]).items())
+
+
+def test_skipping_stops_when_every_step_diverges(tmp_path, shared_data):
+    run_dir = tmp_path / "run"
+    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY,
+                               "train.max_steps=10", "train.checkpoint_every=100000", "train.eval_every=100000",
+                               "train.on_nonfinite=skip", "train.max_consecutive_skips=2"],
+                  env=faults_env("nan_loss@2:0,nan_loss@3:0,nan_loss@4:0"))
+    errors = error_lines(proc)
+    assert proc.returncode == 2 and len(errors) == 1, output(proc)[-3000:]
+    assert "3 steps in a row up to step 4" in errors[0]
+
+
+def test_bad_fault_spec_is_a_one_line_error(tmp_path, shared_data):
+    proc = launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(tmp_path / "run"), "--set", *TINY,
+                               "train.max_steps=2"], env=faults_env("nan@x"))
+    errors = error_lines(proc)
+    assert proc.returncode == 2 and len(errors) == 1 and "TRAINER_FAULTS" in errors[0]

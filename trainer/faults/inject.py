@@ -1,0 +1,64 @@
+"""Faults injected on purpose, for the reliability tests and benchmarks.
+
+``TRAINER_FAULTS`` holds ``kind@step:rank`` entries separated by commas, e.g. ``nan_loss@5:1`` (rank 1's
+loss is NaN at optimizer step 5) or ``sigkill@7:1`` (rank 1 kills itself with SIGKILL while computing step
+7). Kinds: ``nan_loss``, ``inf_loss``, ``sigkill``, ``sigterm``, ``sigusr1``. A fault fires once per process,
+at the step whose number (counted from 1) it names, on the named rank. Unset, nothing is injected and the
+loop pays one attribute check per step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+ENV = "TRAINER_FAULTS"
+KINDS = ("nan_loss", "inf_loss", "sigkill", "sigterm", "sigusr1")
+_ENTRY = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+):(?P<rank>\d+)$")
+
+
+@dataclass
+class Fault:
+    kind: str
+    step: int
+    rank: int
+    fired: bool = False
+
+
+class FaultPlan:
+    def __init__(self, faults: list[Fault], rank: int):
+        self.faults = [f for f in faults if f.rank == rank]
+
+    @classmethod
+    def from_env(cls, rank: int) -> "FaultPlan":
+        text = os.environ.get(ENV, "").strip()
+        faults = []
+        for entry in filter(None, (e.strip() for e in text.split(","))):
+            m = _ENTRY.match(entry)
+            if not m or m["kind"] not in KINDS:
+                raise ConfigError(f"{ENV} entry '{entry}' is not kind@step:rank with kind one of {', '.join(KINDS)}")
+            faults.append(Fault(m["kind"], int(m["step"]), int(m["rank"])))
+        return cls(faults, rank)
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def _due(self, step: int, kinds: tuple[str, ...]) -> Fault | None:
+        for f in self.faults:
+            if not f.fired and f.step == step and f.kind in kinds:
+                f.fired = True
+                return f
+        return None
+
+    def corrupt_loss(self, loss, step: int):
+        f = self._due(step, ("nan_loss", "inf_loss"))
+        return loss if f is None else loss * float("nan" if f.kind == "nan_loss" else "inf")
+
+    def signal_self(self, step: int) -> None:
+        f = self._due(step, ("sigkill", "sigterm", "sigusr1"))
+        if f is not None:
+            os.kill(os.getpid(), getattr(signal, f.kind.upper()))
