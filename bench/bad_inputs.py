@@ -360,7 +360,8 @@ def main() -> int:
             else:
                 shown = o.errors[0] if len(o.errors) == 1 else f"({len(o.errors)} error lines)"
             shown = shown.replace(str(root), "$TMP").replace("|", "\\|")
-            rows.append([case.name, o.returncode, f"`` {shown} ``",  # a double-backtick span holds single ones "yes" if o.traceback else "no",
+            # a double-backtick code span holds the line's own backticks and <...>
+            rows.append([case.name, o.returncode, f"`` {shown} ``", "yes" if o.traceback else "no",
                          len(o.changed), "ok" if o.passed(case) else "FAIL"])
             print(f"{case.name}: {'ok' if o.passed(case) else 'FAIL'}", file=sys.stderr, flush=True)
             if not o.passed(case):
