@@ -8,6 +8,7 @@ import logging
 from .checkpoint import check_signature, load_weights, read_client_state, resolve_tag
 from .cli import require
 from .config import read_yaml, to_yaml
+from .errors import ConfigError
 from .registry import all_recipes, get_recipe
 from .rundir import RunDir
 
@@ -19,6 +20,18 @@ def _saved_recipe(run: RunDir) -> str:
     name = read_yaml(run.config).get("recipe")
     require(bool(name), f"{run.config} names no recipe; it was not written by launch/train.py")
     return name
+
+
+def _check_init_from(spec, source: str) -> None:
+    """Weights of another recipe family have other parameter names: refuse them in one line, before any rank starts."""
+    run = RunDir(source)
+    require(run.config.is_file(), f"train.init_from {source} has no config.yaml; point it at a training run's directory")
+    name = read_yaml(run.config).get("recipe")
+    theirs = all_recipes().get(name)
+    if theirs is None or theirs.factory is not spec.factory:
+        kin = [n for n, s in all_recipes().items() if s.factory is spec.factory and not s.requires_init]
+        raise ConfigError(f"train.init_from {source} is a '{name}' run, whose weights do not fit recipe {spec.name}; "
+                          f"point it at a run of {', '.join(kin) or spec.name}")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -39,6 +52,8 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if cfg.train.init_from and not args.resume:
+        _check_init_from(spec, cfg.train.init_from)
 
     from .distributed import init_distributed
     from .engine import Trainer

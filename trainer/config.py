@@ -206,7 +206,10 @@ def build_config(model: type[RecipeConfig], layers: list[dict], overrides: list[
         msg = _format_validation_error(err)
         first = err.errors()[0]
         if first["type"] == "extra_forbidden":
-            msg += _unknown_key_hint(model, ".".join(str(p) for p in first["loc"]))
+            hint = _unknown_key_hint(model, ".".join(str(p) for p in first["loc"]))
+            msg += hint or "; --print-config lists every key of the recipe"
+        else:
+            msg += "; correct it where it is set (--set, a --config file or the sweep file)"
         raise ConfigError(f"config error: {msg}") from None
 
 

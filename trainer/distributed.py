@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -62,7 +64,15 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+        try:
+            deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
+                                       timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as e:  # torch's DistNetworkError: rank 0 could not host the rendezvous store
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                raise
+            addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+            raise ConfigError(f"port {port} on {addr} is already in use (MASTER_PORT); pass a free one with "
+                              "--master_port") from None
         if acc.device_name() == "cpu":
             _unlink_shm_allreduce_buffer()
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)

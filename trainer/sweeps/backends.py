@@ -83,6 +83,38 @@ def launcher(spec: SweepSpec, backend: str, port: int) -> list[str]:
     return [_deepspeed(), "--num_gpus", str(spec.ranks), "--master_port", str(port), str(TRAIN_SCRIPT)]
 
 
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")  # the rule of DeepSpeed's launcher (launcher/runner.py)
+
+
+def check_hostfile(path: str | None) -> None:
+    """DeepSpeed's launcher refuses a bad hostfile with a traceback, once for every point: check it once, first.
+
+    (A missing one it ignores, training on this machine alone, which is never what a hostfile sweep means.)"""
+    fix = "one line '<host> slots=<GPUs>' per node, as in hostfile.example"
+    if not path:
+        raise ConfigError(f"--backend hostfile needs 'hostfile: FILE' in the sweep file; the file holds {fix}")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"hostfile {path} does not exist; create it with {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"hostfile {path} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                          f"it must be text with {fix}") from None
+    hosts = set()
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = HOSTFILE_LINE.match(line)
+        if not m or int(m.group(2)) < 1:
+            raise ConfigError(f"hostfile {path} line {n} '{line}' is not '<host> slots=<N>' with N >= 1; write {fix}")
+        if m.group(1) in hosts:
+            raise ConfigError(f"hostfile {path} line {n} names {m.group(1)} a second time; give each node one line")
+        hosts.add(m.group(1))
+    if not hosts:
+        raise ConfigError(f"hostfile {path} names no node; write {fix}")
+
+
 def _child_env() -> dict:
     """The launcher sets the rank variables itself; stale ones from this shell would mislead it."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
@@ -97,10 +129,7 @@ def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bo
     from ..distributed import free_port
 
     if backend == "hostfile":
-        if not spec.hostfile:
-            raise ConfigError("--backend hostfile needs 'hostfile: FILE' in the sweep file")
-        if not Path(spec.hostfile).is_file():
-            raise ConfigError(f"hostfile {spec.hostfile} does not exist")
+        check_hostfile(spec.hostfile)
     failed = []
     for head, st in to_run(steps):
         cmd = launcher(spec, backend, free_port()) + train_args(spec.recipe, st.point, st.action == "resume")

@@ -1,0 +1,376 @@
+"""Bad input, tried case by case: each must give one ``error:`` line naming the problem and the fix, a
+non-zero exit, no traceback, and leave every file an earlier run wrote as it was.
+
+``python bench/bad_inputs.py`` runs every case and prints the table of the RELIABILITY report;
+``tests/test_bad_input.py`` asserts the same cases one by one. Commands go through ``launch/`` as users
+type them: plain ``python`` for 1 rank, the ``deepspeed`` launcher for 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BIN, PTB_DIR, REPO, free_port, markdown_table  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import make_image_folder  # noqa: E402  (the test suite's generated ImageFolder)
+
+DATA_ROOT = str(PTB_DIR.parent)
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# A tiny AWD-LSTM: seconds per step on a CPU, checkpoints of a few hundred kB.
+TINY_AWD = [f"data.root={DATA_ROOT}", "model.emsize=32", "model.nhid=48", "data.bptt=35",
+            "train.test_at_end=false", "train.progress=false"]
+TINY_VIT = ["data.batch_size=32", "data.image_size=32", "data.workers=0", "optim.lr=2e-3", "train.epochs=1", "train.progress=false",
+            "train.test_at_end=false", "optim.lr_batch=32", "optim.warmup_epochs=1",
+            "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"]
+
+
+# ------------------------------------------------------------------ running one command
+def command(script: str, args: list[str], ranks: int = 1, port: int | None = None) -> list[str]:
+    """``launch/<script>``: plain python for 1 rank, ``deepspeed --num_gpus N`` for more."""
+    path = str(REPO / "launch" / script)
+    if ranks == 1:
+        return [sys.executable, path, *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), path, *args]
+
+
+def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    # DeepSpeed's op builder must find the venv's ninja, not an older system one.
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(paths: list[Path]) -> dict[str, str]:
+    """md5 of every file under ``paths``: what a refused command must leave exactly as it was."""
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.md5(f.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------ the shared trained runs
+@dataclass(frozen=True)
+class Shared:
+    """Runs that several cases start from; a case copies one into its scratch directory before using it."""
+
+    awd_run: Path  # a tiny awd_ptb run with step and best checkpoints (emsize 32, nhid 48)
+    image_run: Path  # a tiny vit_t run (another recipe family)
+
+
+def train_shared(root: Path) -> Shared:
+    awd, vit = root / "awd_run", root / "vit_run"
+    procs = [
+        run_command(command("train.py", ["--recipe", "awd_ptb", "--run-dir", str(awd), "--set", *TINY_AWD,
+                                         "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2"])),
+        run_command(command("train.py", ["--recipe", "vit_t", "--run-dir", str(vit), "--set",
+                                         f"data.root={make_image_folder(root / 'images')}", *TINY_VIT])),
+    ]
+    for proc in procs:
+        if proc.returncode != 0:
+            raise RuntimeError(f"training a shared run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return Shared(awd, vit)
+
+
+# ------------------------------------------------------------------ the cases
+@dataclass
+class Prepared:
+    """What a case's setup made: the arguments, the run directories that must not change, a socket to hold."""
+
+    args: list[str]
+    guard: list[Path] = field(default_factory=list)
+    port: int | None = None
+    hold: socket.socket | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    script: str  # train.py | evaluate.py | sweep.py
+    setup: Callable[[Path, Shared], Prepared]
+    expect: tuple[str, ...]  # fragments of the one error line (or warning line, when it succeeds): problem and fix
+    ranks: int = 1
+    succeeds: bool = False  # bad data the run survives: exit 0 and one warning line naming it
+    needs_shared: bool = False
+
+
+def copy_run(src: Path, scratch: Path, name: str = "run") -> Path:
+    dst = scratch / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ptb_copy(scratch: Path, train: bytes | None = None) -> Path:
+    """A copy of real PTB (valid and test linked) whose train.txt is replaced by ``train`` when given."""
+    d = scratch / "data" / "ptb"
+    d.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.txt").symlink_to(PTB_DIR / f"{split}.txt")
+    if train is not None:
+        (d / "train.txt").unlink()
+        (d / "train.txt").write_bytes(train)
+    return d.parent
+
+
+GARBLED = b"the cat \xff\xfe\x00\x81 sat on\n" * 50  # invalid UTF-8
+
+
+def _new(*sets: str, recipe: str = "awd_ptb"):
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        return Prepared(["--recipe", recipe, "--run-dir", str(scratch / "run"), "--set", *TINY_AWD, *sets])
+    return setup
+
+
+def _missing_data(scratch: Path, shared: Shared) -> Prepared:
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
+                     f"data.root={scratch / 'nowhere'}", "data.download=false"])
+
+
+def _empty_data(scratch: Path, shared: Shared) -> Prepared:
+    (scratch / "empty" / "ptb").mkdir(parents=True)
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
+                     f"data.root={scratch / 'empty'}", "data.download=false"])
+
+
+def _garbled(verify: bool, content: bytes = GARBLED):
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        root = ptb_copy(scratch, content)
+        return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
+                         f"data.root={root}", f"data.verify={str(verify).lower()}", "data.download=false"],
+                        guard=[root])
+    return setup
+
+
+def _resume(*sets: str, recipe: str | None = None, data: bytes | None = None):
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        run = copy_run(shared.awd_run, scratch)
+        extra = list(sets)
+        if data is not None:
+            extra += [f"data.root={ptb_copy(scratch, data)}", "data.verify=false"]
+        args = ["--run-dir", str(run), "--resume", *(["--recipe", recipe] if recipe else [])]
+        return Prepared(args + (["--set", *extra] if extra else []), guard=[run])
+    return setup
+
+
+def _finetune_from(which: str, *sets: str):
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        source = copy_run(shared.awd_run if which == "awd" else shared.image_run, scratch, "source")
+        return Prepared(["--recipe", "awd_ptb_finetune", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
+                         f"train.init_from={source}", *sets], guard=[source])
+    return setup
+
+
+def _truncated_checkpoint(tag: str, script: str):
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        run = copy_run(shared.awd_run, scratch)
+        if tag == "latest":
+            real = (run / "checkpoints" / "latest").read_text().strip()
+        else:
+            real = tag
+        states = run / "checkpoints" / real / "mp_rank_00_model_states.pt"
+        states.write_bytes(states.read_bytes()[:1000])
+        args = ["--run-dir", str(run), "--resume"] if script == "train.py" else ["--run-dir", str(run)]
+        return Prepared(args, guard=[run])
+    return setup
+
+
+def _bad_yaml(scratch: Path, shared: Shared) -> Prepared:
+    bad = scratch / "bad.yaml"
+    bad.write_text("model:\n  nhid: [48\n")
+    return Prepared(["--recipe", "awd_ptb", "--config", str(bad), "--run-dir", str(scratch / "run")], guard=[bad])
+
+
+def _resume_without_checkpoint(scratch: Path, shared: Shared) -> Prepared:
+    run = copy_run(shared.awd_run, scratch)
+    shutil.rmtree(run / "checkpoints")
+    return Prepared(["--run-dir", str(run), "--resume"], guard=[run])
+
+
+def _evaluate_missing_tag(scratch: Path, shared: Shared) -> Prepared:
+    run = copy_run(shared.awd_run, scratch)
+    return Prepared(["--run-dir", str(run), "--checkpoint", "step_00000099"], guard=[run])
+
+
+def _into_existing_run(scratch: Path, shared: Shared) -> Prepared:
+    run = copy_run(shared.awd_run, scratch)
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD], guard=[run])
+
+
+def _evaluate_non_run(scratch: Path, shared: Shared) -> Prepared:
+    d = scratch / "notes"
+    d.mkdir()
+    (d / "readme.txt").write_text("not a run\n")
+    return Prepared(["--run-dir", str(d)], guard=[d])
+
+
+def _bad_hostfile(scratch: Path, shared: Shared) -> Prepared:
+    import yaml
+
+    hostfile = scratch / "hostfile"
+    hostfile.write_text("node-01 slots=2\nnode-02 gpus=2\n")
+    sweep = scratch / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"recipe": "awd_ptb", "sweep_dir": str(scratch / "out"), "hostfile": str(hostfile),
+                                     "base": {"model.nhid": 48}, "grid": {"seed": [1, 2]}}))
+    return Prepared([str(sweep), "--backend", "hostfile"], guard=[hostfile, sweep])
+
+
+def _port_in_use(scratch: Path, shared: Shared) -> Prepared:
+    hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    hold.bind(("127.0.0.1", 0))
+    hold.listen()
+    port = hold.getsockname()[1]
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD],
+                    port=port, hold=hold)
+
+
+def _corrupt_jpeg(scratch: Path, shared: Shared) -> Prepared:
+    images = make_image_folder(scratch / "images", corrupt=True)
+    return Prepared(["--recipe", "vit_t", "--run-dir", str(scratch / "run"), "--set", f"data.root={images}",
+                     *TINY_VIT], guard=[images])
+
+
+CASES: list[Case] = [
+    Case("unknown recipe", "train.py", lambda s, _: Prepared(["--recipe", "awd_ptbb"]),
+         ("unknown recipe 'awd_ptbb'", "did you mean 'awd_ptb'", "--list-recipes")),
+    Case("no recipe", "train.py", lambda s, _: Prepared([]), ("--recipe NAME", "--list-recipes")),
+    Case("unknown config key", "train.py", _new("model.nhidd=3"),
+         ("unknown key 'model.nhidd'", "did you mean 'model.nhid'")),
+    Case("wrong type", "train.py", _new("model.nhid=abc"), ("model.nhid", "integer", "'abc'", "correct it where it is set")),
+    Case("out-of-range value", "train.py", _new("model.dropout=1.5"), ("model.dropout", "less than 1", "correct it where it is set")),
+    Case("bad YAML config file", "train.py", _bad_yaml, ("bad.yaml line", "not valid YAML", "fix its syntax")),
+    Case("global batch not dividing over 2 ranks", "train.py", _new("data.batch_size=21"),
+         ("data.batch_size=21", "2 data-parallel ranks", "multiple of 2"), ranks=2),
+    Case("missing data directory", "train.py", _missing_data,
+         ("nowhere", "train.txt, valid.txt, test.txt", "downloading is off", "data.root")),
+    Case("empty data directory", "train.py", _empty_data,
+         ("empty/ptb", "train.txt, valid.txt, test.txt", "downloading is off", "data.root")),
+    Case("garbled corpus file (md5 checked)", "train.py", _garbled(verify=True),
+         ("ptb/train.txt", "md5", "replace it with the original file")),
+    Case("garbled corpus file (md5 off)", "train.py", _garbled(verify=False),
+         ("ptb/train.txt", "not UTF-8", "replace it with the original file")),
+    Case("empty corpus file (md5 off)", "train.py", _garbled(verify=False, content=b"\n\n"),
+         ("ptb/train.txt", "no tokens", "replace it with the original file")),
+    Case("resume: model shape differs", "train.py", _resume("model.nhid=64"), ("model shape", "nhid 48", "nhid 64",
+         "use the run's own config"), needs_shared=True),
+    Case("resume: vocabulary differs", "train.py", _resume(data=b"a b c d e f g h\n" * 500),
+         ("vocabulary", "10000 words", "use the run's own config and data"), needs_shared=True),
+    Case("resume with another recipe", "train.py", _resume(recipe="awd_wt2"),
+         ("'awd_ptb' run, not 'awd_wt2'", "drop --recipe"), needs_shared=True),
+    Case("init_from: model shape differs", "train.py", _finetune_from("awd", "model.nhid=64"),
+         ("model shape", "nhid 48", "nhid 64"), needs_shared=True),
+    Case("init_from: another recipe family", "train.py", _finetune_from("vit"),
+         ("'vit_t' run", "awd_ptb_finetune", "init_from"), needs_shared=True),
+    Case("resume: truncated checkpoint", "train.py", _truncated_checkpoint("latest", "train.py"),
+         ("no usable checkpoint", "step_00000002", "mp_rank_00_model_states.pt", "truncated", "without --resume"),
+         needs_shared=True),
+    Case("evaluate: truncated checkpoint", "evaluate.py", _truncated_checkpoint("best", "evaluate.py"),
+         ("checkpoints/best is damaged", "mp_rank_00_model_states.pt", "truncated", "pick another --checkpoint"),
+         needs_shared=True),
+    Case("resume a directory that does not exist", "train.py",
+         lambda s, _: Prepared(["--run-dir", str(s / "nothing"), "--resume"]),
+         ("nothing has no config.yaml", "point --run-dir at a training run")),
+    Case("evaluate a checkpoint that does not exist", "evaluate.py", _evaluate_missing_tag,
+         ("no 'step_00000099' checkpoint", "pick another --checkpoint"), needs_shared=True),
+    Case("resume without a checkpoint", "train.py", _resume_without_checkpoint,
+         ("nothing to resume", "checkpoints/latest"), needs_shared=True),
+    Case("new run into a run directory", "train.py", _into_existing_run,
+         ("already holds a run", "--resume", "another --run-dir"), needs_shared=True),
+    Case("evaluate a non-run directory", "evaluate.py", _evaluate_non_run,
+         ("no config.yaml", "point --run-dir at a training run")),
+    Case("malformed hostfile (sweep)", "sweep.py", _bad_hostfile,
+         ("hostfile", "line 2", "node-02 gpus=2", "slots=")),
+    Case("port already in use (2 ranks)", "train.py", _port_in_use,
+         ("is already in use", "MASTER_PORT", "--master_port"), ranks=2),
+    Case("corrupt JPEG in train/ (skipped, counted)", "train.py", _corrupt_jpeg,
+         ("skipping unreadable image", "broken.JPEG"), succeeds=True),
+]
+
+
+# ------------------------------------------------------------------ running a case
+@dataclass
+class Outcome:
+    returncode: int
+    errors: list[str]  # lines starting with "error: "
+    traceback: bool
+    changed: list[str]  # files of guarded directories that changed or vanished
+    output: str
+
+    def naming(self, case: Case) -> list[str]:
+        """The output lines that hold every expected fragment (for a run that succeeds: its warning)."""
+        return [ln for ln in self.output.splitlines() if all(f in ln for f in case.expect)]
+
+    def passed(self, case: Case) -> bool:
+        if self.traceback or self.changed:
+            return False
+        if case.succeeds:
+            return self.returncode == 0 and not self.errors and len(self.naming(case)) == 1
+        return (self.returncode != 0 and len(self.errors) == 1
+                and all(f in self.errors[0] for f in case.expect))
+
+
+def run_case(case: Case, scratch: Path, shared: Shared | None = None, timeout: float = 600) -> Outcome:
+    prepared = case.setup(Path(scratch), shared)
+    before = snapshot(prepared.guard)
+    try:
+        proc = run_command(command(case.script, prepared.args, case.ranks, prepared.port), timeout)
+    finally:
+        if prepared.hold is not None:
+            prepared.hold.close()
+    after = snapshot(prepared.guard)
+    changed = sorted(f for f, h in before.items() if after.get(f) != h)
+    out = proc.stdout + proc.stderr
+    return Outcome(
+        returncode=proc.returncode,
+        errors=[ln for ln in out.splitlines() if ln.startswith("error: ")],
+        traceback="Traceback" in out,
+        changed=changed,
+        output=out,
+    )
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="bad-inputs-") as tmp:
+        root = Path(tmp)
+        shared = train_shared(root / "shared")
+        rows, tracebacks, lost, failed = [], 0, 0, 0
+        for i, case in enumerate(CASES):
+            scratch = root / f"case{i:02d}"
+            scratch.mkdir()
+            o = run_case(case, scratch, shared)
+            tracebacks += o.traceback
+            lost += len(o.changed)
+            failed += not o.passed(case)
+            if case.succeeds:
+                shown = (o.naming(case) or ["(no warning)"])[0]
+            else:
+                shown = o.errors[0] if len(o.errors) == 1 else f"({len(o.errors)} error lines)"
+            shown = shown.replace(str(root), "$TMP").replace("|", "\\|")
+            # a double-backtick code span holds the line's own backticks and <...>
+            rows.append([case.name, o.returncode, f"`` {shown} ``", "yes" if o.traceback else "no",
+                         len(o.changed), "ok" if o.passed(case) else "FAIL"])
+            print(f"{case.name}: {'ok' if o.passed(case) else 'FAIL'}", file=sys.stderr, flush=True)
+            if not o.passed(case):
+                print(o.output[-3000:], file=sys.stderr, flush=True)
+    print(markdown_table(["case", "exit", "error line", "traceback shown", "files changed", "verdict"], rows))
+    print(f"\nbad inputs tried: {len(CASES)}; tracebacks shown: {tracebacks}; data lost (files changed): {lost}; "
+          f"cases not as expected: {failed}")
+    return 1 if failed or tracebacks or lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
