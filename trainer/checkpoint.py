@@ -176,7 +176,7 @@ def choose_resume_tag(ckpt_dir: Path) -> str:
             return tag
         rejected.append(f"checkpoint {tag} is unusable ({problem})")
     raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: {'; '.join(rejected) or 'none written'}; "
-                          "start a new run without --resume")
+                          "start a new run in another --run-dir")
 
 
 def _load_file(path: Path) -> dict:
@@ -264,6 +264,9 @@ class Checkpointer:
 def check_signature(mine: dict, saved: dict, tag: str) -> None:
     """Refuse a checkpoint of another vocabulary or model shape with a message instead of a shape error."""
     theirs = saved.get("signature", {})
+    if theirs and not set(mine) & set(theirs):
+        raise CheckpointError(f"checkpoint {tag} is of another recipe family ({', '.join(sorted(theirs))}); "
+                              "use a checkpoint of this recipe's own runs")
     for key in sorted(set(mine) & set(theirs)):
         if mine[key] != theirs[key]:
             raise CheckpointError(

@@ -107,14 +107,18 @@ class Trainer:
         resume_tag = self._resume_tag() if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
+        init_tag = None
+        if cfg.train.init_from and not resume_tag:  # likewise, a refused source creates no run directory
+            init_tag = self._check_init_source(cfg.train.init_from, cfg.train.init_checkpoint)
         if ctx.is_main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
             run_dir.config.write_text(to_yaml(cfg))
         barrier(ctx)
         seed_everything(cfg.seed)  # identical initial weights whatever the world size
         model = self.recipe.build_model()
-        if cfg.train.init_from and not resume_tag:
-            self._init_weights(model, cfg.train.init_from, cfg.train.init_checkpoint)
+        if init_tag:
+            load_weights(model, RunDir(cfg.train.init_from).checkpoints, init_tag)
+            log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
         self.analysis = None
         if cfg.analysis.enabled:  # before DeepSpeed: the initial copy must be the fp32 initialization
             self.analysis = GradientAnalysis(cfg.analysis, model, ctx, seed=cfg.seed)
@@ -170,12 +174,12 @@ class Trainer:
             )
         check_signature(self.recipe.checkpoint_signature(), saved, tag)
 
-    def _init_weights(self, model: torch.nn.Module, source: str, which: str) -> None:
+    def _check_init_source(self, source: str, which: str) -> str:
+        """The tag of ``source`` to start from, verified and of this recipe's vocabulary and shape."""
         ckpt_dir = RunDir(source).checkpoints
         tag = resolve_tag(ckpt_dir, which)
         check_signature(self.recipe.checkpoint_signature(), read_client_state(ckpt_dir, tag), f"{source}:{tag}")
-        load_weights(model, ckpt_dir, tag)
-        log.info("initialized weights from %s checkpoint %s", source, tag)
+        return tag
 
     def _client_state(self) -> dict:
         return {

@@ -54,7 +54,7 @@ def resolve_run_dir(arg: str | None, recipe: str, resume: bool, ctx: DistContext
             raise ConfigError("--resume needs --run-dir DIR naming the run to continue")
         run = RunDir(arg)
         if not run.has_checkpoint():
-            raise ConfigError(f"nothing to resume in {run.path}: it has no checkpoints/latest; start a new run without --resume")
+            raise ConfigError(f"nothing to resume in {run.path}: it has no checkpoints/latest; start a new run in another --run-dir")
         return run
     if arg:
         run = RunDir(arg)
