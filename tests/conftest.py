@@ -102,3 +102,15 @@ def make_image_folder(root: Path, size: int = 40, per_class: tuple[int, int] = (
 def shared_data() -> Path:
     assert (SHARED_DATA / "ptb" / "train.txt").is_file(), f"tests need the shared data at {SHARED_DATA}"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def ptb_slice(tmp_path_factory):
+    """The first lines of real PTB: an epoch is a few steps and evaluation is short. Not the md5-checked files,
+    so runs on it set data.verify=false."""
+    root = tmp_path_factory.mktemp("ptbslice") / "ptb"
+    root.mkdir()
+    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
+        with (SHARED_DATA / "ptb" / f"{split}.txt").open() as src:
+            (root / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
+    return root

@@ -5,23 +5,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SHARED_DATA, check, launch
+from conftest import check, launch
 from trainer.distributed import DistContext
 from trainer.engine import plan_batch
 from trainer.registry import get_recipe
 
 RATES = {"dropout": 0.4, "dropouth": 0.25, "dropouti": 0.4, "dropoute": 0.1, "wdrop": 0.5}
-
-
-@pytest.fixture(scope="module")
-def ptb_slice(tmp_path_factory):
-    """The first lines of real PTB, so an epoch is a few steps; not the md5-checked files, hence verify=false."""
-    root = tmp_path_factory.mktemp("ptbslice") / "ptb"
-    root.mkdir()
-    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
-        with (SHARED_DATA / "ptb" / f"{split}.txt").open() as src:
-            (root / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
-    return root
 
 
 def test_awd_early_dropout_rates_fall_to_zero_at_the_cutoff(ptb_slice, tmp_path):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import SHARED_DATA, check, launch
+from conftest import check, launch
 
 # A reference run on 1 rank checkpoints every 2 steps; a copy of it cut at step 2 resumes on 2 ranks up to step 4,
 # and that run's own checkpoint resumes on 1 rank up to step 6: both legs must log what the reference logged.
@@ -50,17 +50,6 @@ def cut(run_dir, dest, step):
     kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
     (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     return dest
-
-
-@pytest.fixture(scope="module")
-def ptb_slice(tmp_path_factory):
-    """The first lines of real PTB: a small vocabulary and validation set keep each run's evaluation short."""
-    root = tmp_path_factory.mktemp("ptbslice") / "ptb"
-    root.mkdir()
-    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
-        with (SHARED_DATA / "ptb" / f"{split}.txt").open() as src:
-            (root / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
-    return root
 
 
 def elastic_runs(tmp, args, stage):
