@@ -164,7 +164,9 @@ def main() -> int:
         for model in args.models.split(","):
             results: dict[str, list[float]] = {}
             for _ in range(args.rounds):
-                results.setdefault("plain loop, 1 process", []).extend(plain_run(model, args.batch, args.steps))
+                plain_rates = plain_run(model, args.batch, args.steps)
+                results.setdefault("plain loop, 1 process", []).extend(plain_rates)
+                print(f"{model} plain loop          images/s " + " ".join(f"{r:.1f}" for r in plain_rates), flush=True)
                 for ranks in map(int, args.ranks.split(",")):
                     for source in ("synthetic", "JPEG"):
                         rates = engine_run(root, model, ranks, source, data, args.batch, args.steps)
@@ -175,7 +177,7 @@ def main() -> int:
             synthetic_1 = median(results.get("engine, 1 rank(s), synthetic", [float("nan")]))
             for label, rates in results.items():
                 rate = median(rates)
-                rows.append([model, label, len(rates), rate, rate / plain, rate / synthetic_1])
+                rows.append([model, label, len(rates), f"{rate:.2f}", rate / plain, rate / synthetic_1])
         print()
         print(markdown_table(["model", "config", "windows", "images/s (median)", "vs plain loop",
                               "vs engine 1 rank synthetic"], rows))
