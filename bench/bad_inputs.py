@@ -276,7 +276,7 @@ CASES: list[Case] = [
     Case("init_from: another recipe family", "train.py", _finetune_from("vit"),
          ("'vit_t' run", "awd_ptb_finetune", "init_from"), needs_shared=True),
     Case("resume: truncated checkpoint", "train.py", _truncated_checkpoint("latest", "train.py"),
-         ("no usable checkpoint", "step_00000002", "mp_rank_00_model_states.pt", "truncated", "without --resume"),
+         ("no usable checkpoint", "step_00000002", "mp_rank_00_model_states.pt", "truncated", "another --run-dir"),
          needs_shared=True),
     Case("evaluate: truncated checkpoint", "evaluate.py", _truncated_checkpoint("best", "evaluate.py"),
          ("checkpoints/best is damaged", "mp_rank_00_model_states.pt", "truncated", "pick another --checkpoint"),

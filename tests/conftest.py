@@ -1,5 +1,7 @@
 import os
+import random
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +26,19 @@ if WORKER:
 
 
 def free_port() -> int:
+    """A free port; under xdist, from this worker's own block of 3000 below the kernel's ephemeral range
+    (bind(0) hands out even ports only, so its choice cannot be split between workers by residue)."""
     if not WORKER:
         return any_free_port()
-    index, count = int(WORKER.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    while (port := any_free_port()) % count != index:
-        pass
-    return port
+    lo = 20000 + 3000 * int(WORKER.removeprefix("gw"))
+    while True:
+        port = random.randrange(lo, lo + 3000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
