@@ -1,4 +1,5 @@
-"""awd_ptb end to end: a real 2-rank DeepSpeed run on real PTB, its files read back and evaluated (resume: test_exact_resume, test_faults)."""
+"""awd_ptb end to end: a real 2-rank DeepSpeed run on real PTB, its files read back and evaluated (resuming is
+tested in test_exact_resume.py and test_faults.py)."""
 
 import json
 
