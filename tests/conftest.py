@@ -123,3 +123,16 @@ def ptb_slice(tmp_path_factory):
         with (SHARED_DATA / "ptb" / f"{split}.txt").open() as src:
             (root / f"{split}.txt").write_text("".join(line for _, line in zip(range(lines), src)))
     return root
+
+
+# The test files that run longest (many multi-process runs), longest first: with `pytest -n 2 --dist loadfile`
+# files are handed to the workers in collection order, so starting with these keeps one worker from finishing a
+# long file alone at the end. Any file not named keeps its alphabetical place after them.
+LONGEST_FIRST = ["test_faults.py", "test_exact_resume.py", "test_bad_input.py", "test_nt_asgd.py",
+                 "test_awd_asgd_e2e.py", "test_elastic.py", "test_imagenet_e2e.py", "test_sweep.py",
+                 "test_awd_ptb_e2e.py", "test_checkpoint_integrity.py", "test_zero.py", "test_two_nodes.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
