@@ -9,7 +9,6 @@ type them: plain ``python`` for 1 rank, the ``deepspeed`` launcher for 2.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
@@ -23,12 +22,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import BIN, PTB_DIR, REPO, free_port, markdown_table  # noqa: E402
+from trainer.distributed import launcher_env  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import make_image_folder  # noqa: E402  (the test suite's generated ImageFolder)
 
 DATA_ROOT = str(PTB_DIR.parent)
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # A tiny AWD-LSTM: seconds per step on a CPU, checkpoints of a few hundred kB.
 TINY_AWD = [f"data.root={DATA_ROOT}", "model.emsize=32", "model.nhid=48", "data.bptt=35",
             "train.test_at_end=false", "train.progress=false"]
@@ -47,11 +46,7 @@ def command(script: str, args: list[str], ranks: int = 1, port: int | None = Non
 
 
 def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    # DeepSpeed's op builder must find the venv's ninja, not an older system one.
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(paths: list[Path]) -> dict[str, str]:

@@ -49,9 +49,8 @@ def base_sets(data_root: Path, timeout_s: float) -> list[str]:
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "OMP_NUM_THREADS")}
-    return env | {"PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")])} | (extra or {})
+    """No OMP_NUM_THREADS: the engine's own split of the cores applies, as in the other benchmarks."""
+    return {k: v for k, v in launcher_env().items() if k != "OMP_NUM_THREADS"} | (extra or {})
 
 
 @dataclass

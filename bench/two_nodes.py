@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from trainer.distributed import free_port  # noqa: E402
+from trainer.distributed import free_port, launcher_env  # noqa: E402
 
 # Node 0 keeps the namespace the script starts in; node 1 runs in a nested one, joined by a veth pair. A
 # holder process keeps node 1's namespace (and so the link) alive when node 1's processes are killed, as a
@@ -78,10 +78,7 @@ class TwoNodes:
                    *train_args]
             return shlex.join(cmd)
 
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                                "MASTER_PORT")}
-        env |= {"PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
-                "DIR": str(self.dir), "NODE0": node(0), "NODE1": node(1)}
+        env = launcher_env({"DIR": str(self.dir), "NODE0": node(0), "NODE1": node(1)})
         script = NETNS_SCRIPT if netns else LOOPBACK_SCRIPT
         prefix = ["unshare", "-Urn", "--fork"] if netns else []
         self.proc = subprocess.Popen([*prefix, "bash", "-c", script], cwd=REPO, env=env, start_new_session=True,

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.distributed import free_port as any_free_port  # noqa: E402
+from trainer.distributed import free_port as any_free_port, launcher_env  # noqa: E402
 
 # Under `pytest -n N` (pytest-xdist) N workers run test files side by side on the machine's cores: every process
 # a test starts gets one thread (a rank with two threads collapses when another process takes a core), and each
@@ -57,12 +57,7 @@ def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, e
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), path,
                *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    # DeepSpeed's op builder must find the venv's ninja, not an older system one: mixing them rebuilds the op.
-    full_env["PATH"] = os.pathsep.join([str(BIN), full_env.get("PATH", "")])
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(var, None)
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

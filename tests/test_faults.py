@@ -1,6 +1,5 @@
 """Faults during a 2-rank run: preemption signals, a rank killed with SIGKILL, a non-finite loss on one rank."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,9 @@ import time
 import pytest
 import torch
 
+from bench.common import read_metrics
 from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
+from trainer.distributed import launcher_env
 from trainer.errors import ConfigError
 from trainer.faults.inject import ENV, FaultPlan
 
@@ -19,11 +20,6 @@ TINY_VIT = ["data.format=synthetic", "data.train_size=100000", "model.num_classe
             "data.batch_size=8", "data.workers=1", "model.kwargs={patch_size: 8, embed_dim: 48, depth: 3, num_heads: 3}",
             "train.log_every=1", "train.progress=false", "train.test_at_end=false"]
 FAMILIES = {"awd_ptb": TINY, "vit_t_early_dropout": TINY_VIT}
-
-
-def train_records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def latest(run_dir):
@@ -38,9 +34,7 @@ def faults_env(spec):
 def start_detached(args, log_path, ranks=2):
     """The deepspeed launcher in a session of its own, as a Slurm job step is: a signal to the process group
     reaches the runner, the launcher and every rank, as Slurm delivers it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env |= {"PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")])}
+    env = launcher_env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), *args]
     log = open(log_path, "w")
@@ -50,8 +44,7 @@ def start_detached(args, log_path, ranks=2):
 def wait_for_step(run_dir, step, proc, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] >= step for r in train_records(run_dir)):
+        if any(r["step"] >= step for r in read_metrics(run_dir, "train")):
             return
         assert proc.poll() is None or proc.returncode == 0, "the run ended before it was signalled"
         time.sleep(0.2)
@@ -88,21 +81,20 @@ def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path,
     assert "Traceback" not in out
     assert sorted(p.name for p in (run_dir / "checkpoints" / tag).glob("rank_*.pt")) == ["rank_00000.pt",
                                                                                           "rank_00001.pt"]
-    assert [r["step"] for r in train_records(run_dir)][-1] == step  # every finished step logged, none after
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-1] == step  # every finished step logged, none after
 
     resumed = check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set",
                                         f"train.max_steps={step + 2}", "train.eval_every=0"], ranks=2))
     assert f"resumed from {tag} at step {step}" in resumed
-    assert [r["step"] for r in train_records(run_dir)][-3:] == [step, step + 1, step + 2]
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-3:] == [step, step + 1, step + 2]
 
 
 def test_preempted_single_process_exits_zero(tmp_path, shared_data):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", "awd_ptb", "--run-dir",
                              str(run_dir), "--set", *TINY, "train.max_steps=100000",
                              "train.checkpoint_every=100000", "train.eval_every=100000"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -127,7 +119,7 @@ def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, share
 
     resumed = check(launch("train.py", ["--run-dir", str(run_dir), "--resume"], ranks=2))
     assert "resumed from step_00000006 at step 6" in resumed
-    assert [r["step"] for r in train_records(run_dir)][-6:] == [7, 8, 9, 10, 11, 12]
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-6:] == [7, 8, 9, 10, 11, 12]
 
 
 # ---------------------------------------------------------------------------------------------- non-finite loss
@@ -141,7 +133,7 @@ def test_nan_on_one_rank_stops_every_rank_keeping_the_last_good_checkpoint(tmp_p
     assert len(errors) == 1 and "nan or inf at step 5 (rank 1)" in errors[0] and "step_00000004" in errors[0]
     assert "Traceback" not in output(proc)
     assert latest(run_dir) == "step_00000004"
-    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4]  # nothing non-finite was logged
+    assert [r["step"] for r in read_metrics(run_dir, "train")] == [1, 2, 3, 4]  # nothing non-finite was logged
 
 
 def _module_state(run_dir, tag):
@@ -169,7 +161,7 @@ def test_skipped_nonfinite_steps_leave_weights_and_optimizer_state_untouched(tmp
     errors = error_lines(proc)
     assert proc.returncode == 2 and len(errors) == 1, out[-3000:]
     assert "3 steps in a row up to step 9" in errors[0]
-    records = {r["step"]: r for r in train_records(run_dir)}
+    records = {r["step"]: r for r in read_metrics(run_dir, "train")}
     assert "loss" not in records[3] and "loss" not in records[4] and records[4]["skipped_steps"] == 2
     assert all(torch.isfinite(torch.tensor(records[s]["loss"])) for s in (1, 2, 5, 6))
 

@@ -3,23 +3,18 @@ network namespace of its own where allowed (see ``bench/two_nodes.py``). The nod
 one (its launcher and rank killed with SIGKILL) ends the other within the watchdog's bound, naming the lost
 rank, and ``--resume`` on two nodes continues the run."""
 
-import json
 import os
 import signal
 import time
 
 import pytest
 
+from bench.common import read_metrics
 from bench.two_nodes import TwoNodes, kill_stray_nodes
 from conftest import SMALL_AWD, free_port
 
 TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1",
         "train.lost_rank_timeout_s=10"]
-
-
-def train_records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def test_two_nodes_train_together_survive_losing_one_and_resume(tmp_path, shared_data):
@@ -28,7 +23,7 @@ def test_two_nodes_train_together_survive_losing_one_and_resume(tmp_path, shared
                                           "train.max_steps=100000", "train.checkpoint_every=2",
                                           "train.eval_every=100000"], port=free_port())
     deadline = time.monotonic() + 300
-    while not [r for r in train_records(run_dir) if r["step"] >= 5]:
+    while not [r for r in read_metrics(run_dir, "train") if r["step"] >= 5]:
         if time.monotonic() > deadline or nodes.proc.poll() is not None:
             os.killpg(nodes.proc.pid, signal.SIGKILL)
             raise AssertionError(nodes.log(0)[-3000:] + nodes.log(1)[-3000:])
@@ -53,7 +48,7 @@ def test_two_nodes_train_together_survive_losing_one_and_resume(tmp_path, shared
                                            f"train.max_steps={step + 3}"], port=free_port())
     assert again.wait(timeout=300) == 0, again.log(0)[-3000:] + again.log(1)[-3000:]
     assert f"resumed from {tag} at step {step}" in again.log(0)
-    assert [r["step"] for r in train_records(run_dir)][-3:] == [step + 1, step + 2, step + 3]
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-3:] == [step + 1, step + 2, step + 3]
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(extra: dict | None = None) -> dict:
+    """The environment for a child ``deepspeed`` / ``python launch/...`` process: the launcher sets the rank
+    variables itself (stale ones from this shell would mislead it), output unbuffered, and this interpreter's
+    ``bin/`` first on PATH so DeepSpeed's op builder finds the venv's ninja (another one rebuilds the op)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env | (extra or {})
 
 
 def _single_process_env() -> None:

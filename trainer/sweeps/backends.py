@@ -22,7 +22,6 @@ from .status import FINISHED, point_status
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -115,18 +114,9 @@ def check_hostfile(path: str | None) -> None:
         raise ConfigError(f"hostfile {path} names no node; write {fix}")
 
 
-def _child_env() -> dict:
-    """The launcher sets the rank variables itself; stale ones from this shell would mislead it."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    # DeepSpeed's op builder must find the venv's ninja, not an older system one.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
 def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bool) -> list[str]:
     """Run the points one after another; returns the names of those that failed."""
-    from ..distributed import free_port
+    from ..distributed import free_port, launcher_env
 
     if backend == "hostfile":
         check_hostfile(spec.hostfile)
@@ -140,7 +130,7 @@ def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bo
             moved = set_aside(st.point.run_dir)
             if moved:
                 print(f"  an earlier attempt without a checkpoint was moved to {moved}", flush=True)
-        rc = subprocess.run(cmd, env=_child_env()).returncode
+        rc = subprocess.run(cmd, env=launcher_env()).returncode
         if rc != 0:
             print(f"{head}: failed (exit {rc})", flush=True)
             failed.append(st.point.name)
