@@ -245,13 +245,14 @@ class Checkpointer:
             if name != latest:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
 
-    def load(self, tag: str, module_only: bool = False) -> tuple[dict, dict | None]:
-        """Load ``tag`` into the engine; returns DeepSpeed's client state and this rank's own state."""
+    def load(self, tag: str, module_only: bool = False, optimizer_states: bool = True) -> tuple[dict, dict | None]:
+        """Load ``tag`` into the engine; returns DeepSpeed's client state and this rank's own state.
+        ``optimizer_states=False`` leaves the optimizer to the caller (an elastic resume re-cuts it)."""
         path, client = self.engine.load_checkpoint(
             str(self.dir),
             tag=tag,
             load_module_only=module_only,
-            load_optimizer_states=not module_only,
+            load_optimizer_states=optimizer_states and not module_only,
             load_lr_scheduler_states=not module_only,
         )
         if path is None:

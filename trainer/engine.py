@@ -215,7 +215,7 @@ class Trainer:
         saved_world = _saved_world(tag_dir, self.ctx.world)
         elastic = saved_world != self.ctx.world
         if elastic and _partitions_optimizer(self.engine.optimizer):
-            client, own = _load_repartitioned(self.engine, self.ckpt.dir, tag, saved_world), None
+            client, own = _load_repartitioned(self.engine, self.ckpt, tag, saved_world), None
         else:
             client, own = self.ckpt.load(tag)
         for k, v in client["trainer"].items():
@@ -490,7 +490,7 @@ def _partitions_optimizer(optimizer) -> bool:
     return hasattr(optimizer, "_param_slice_mappings")
 
 
-def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> dict:
+def _load_repartitioned(engine, ckpt: Checkpointer, tag: str, saved_world: int) -> dict:
     """Load ``tag``, written by ``saved_world`` ranks (another world size), its partitioned optimizer state re-cut.
 
     DeepSpeed loads the module, scheduler and counters (and refuses only the optimizer state, whose partitions
@@ -500,10 +500,8 @@ def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> d
     and this rank copies out the slices its own partition holds. Like DeepSpeed's own elastic load, every rank
     reads every old rank's file: the whole optimizer state passes through host memory once. Returns the client state.
     """
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
-    if path is None:
-        raise CheckpointError(f"checkpoint {ckpt_dir / tag} could not be loaded; resume from an earlier tag")
-    whole, alike, groups = _whole_optimizer_state(_zero_files(ckpt_dir / tag, saved_world))
+    client, _ = ckpt.load(tag, optimizer_states=False)
+    whole, alike, groups = _whole_optimizer_state(_zero_files(ckpt.dir / tag, saved_world))
     opt = engine.optimizer
     lp_groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
     hp_groups = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
@@ -528,7 +526,7 @@ def _load_repartitioned(engine, ckpt_dir: Path, tag: str, saved_world: int) -> d
     groups = groups or opt.optimizer.state_dict()["param_groups"]
     opt.optimizer.load_state_dict({"state": states, "param_groups": groups})
     opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its per-parameter views at the next step
-    return client or {}
+    return client
 
 
 def _zero_files(tag_dir: Path, world: int) -> list[Path]:
