@@ -37,6 +37,7 @@ from bench.common import (BIN, cleanup, free_port, machine_line, markdown_table,
                           short_eval_data)
 from bench.two_nodes import TwoNodes, kill_stray_nodes  # noqa: E402
 from trainer.checkpoint import step_tags, verify  # noqa: E402
+from trainer.distributed import launcher_env  # noqa: E402
 
 FAULT_STEP = 7
 
@@ -59,8 +60,11 @@ class Job:
     log: Path
 
     @classmethod
-    def start(cls, args: list[str], log: Path, env: dict | None = None) -> "Job":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *args]
+    def start(cls, args: list[str], log: Path, env: dict | None = None, port: int | None = None) -> "Job":
+        """2 ranks under the deepspeed launcher in a session of their own, as a Slurm job step is: a signal to the
+        process group reaches the runner, the launcher and every rank, as Slurm delivers it."""
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port or free_port()), "launch/train.py",
+               *args]
         with log.open("w") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)

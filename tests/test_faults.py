@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench.common import read_metrics
-from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
+from bench.faults import Job, wait_for_step
+from conftest import ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
 from trainer.distributed import launcher_env
 from trainer.errors import ConfigError
 from trainer.faults.inject import ENV, FaultPlan
@@ -31,49 +32,15 @@ def faults_env(spec):
 
 
 # ---------------------------------------------------------------------------------------------- preemption
-def start_detached(args, log_path, ranks=2):
-    """The deepspeed launcher in a session of its own, as a Slurm job step is: a signal to the process group
-    reaches the runner, the launcher and every rank, as Slurm delivers it."""
-    env = launcher_env()
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), *args]
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_step(run_dir, step, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r["step"] >= step for r in read_metrics(run_dir, "train")):
-            return
-        assert proc.poll() is None or proc.returncode == 0, "the run ended before it was signalled"
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def wait_group_gone(proc, timeout):
-    """Every process of the job's session has exited (the runner dies at once; the ranks checkpoint first)."""
-    deadline, pgid = time.monotonic() + timeout, proc.pid
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the runner: a zombie still counts as a member of the group
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return time.monotonic()
-        time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError(f"the job was still running {timeout} s after the signal")
-
-
 @pytest.mark.parametrize("recipe, sig", [("awd_ptb", signal.SIGTERM), ("vit_t_early_dropout", signal.SIGUSR1)])
 def test_preemption_signal_checkpoints_every_rank_and_resume_continues(tmp_path, shared_data, recipe, sig):
     run_dir, log_path = tmp_path / "run", tmp_path / "job.log"
-    proc = start_detached(["--recipe", recipe, "--run-dir", str(run_dir), "--set", *FAMILIES[recipe],
-                           "train.max_steps=100000", "train.checkpoint_every=100000", "train.eval_every=100000"],
-                          log_path)
-    wait_for_step(run_dir, 3, proc)
-    os.killpg(proc.pid, sig)
-    wait_group_gone(proc, timeout=120)
+    job = Job.start(["--recipe", recipe, "--run-dir", str(run_dir), "--set", *FAMILIES[recipe],
+                     "train.max_steps=100000", "train.checkpoint_every=100000", "train.eval_every=100000"],
+                    log_path, port=free_port())
+    wait_for_step(run_dir, 3, lambda: not job.gone())
+    os.killpg(job.proc.pid, sig)
+    job.wait_gone(timeout=120)
     out = log_path.read_text()
     tag = latest(run_dir)
     step = int(tag.split("_")[1])
@@ -95,7 +62,7 @@ def test_preempted_single_process_exits_zero(tmp_path, shared_data):
                              str(run_dir), "--set", *TINY, "train.max_steps=100000",
                              "train.checkpoint_every=100000", "train.eval_every=100000"],
                             cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 2, proc)
+    wait_for_step(run_dir, 2, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
