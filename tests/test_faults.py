@@ -11,7 +11,8 @@ import torch
 
 from bench.common import read_metrics
 from bench.faults import Job, wait_for_step
-from conftest import ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
+from cluster.job import StreamedJob
+from conftest import BIN, ROOT, SMALL_AWD, check, error_lines, free_port, launch, output
 from trainer.distributed import launcher_env
 from trainer.errors import ConfigError
 from trainer.faults.inject import ENV, FaultPlan
@@ -89,6 +90,30 @@ def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, share
     assert [r["step"] for r in read_metrics(run_dir, "train")][-6:] == [7, 8, 9, 10, 11, 12]
 
 
+# ---------------------------------------------------------------------------------------------- a rank's own error
+@pytest.mark.parametrize("fault, failing", [("error@4:1", 1), ("error@4:0", 0), ("error@0:1", 1)])
+def test_an_error_on_one_rank_ends_the_other_within_seconds(tmp_path, shared_data, fault, failing):
+    """An ordinary exception (not a kill) on one rank, in training or at start-up: its line names it, and the
+    other rank ends within seconds, not at the 10-minute collective timeout. When rank 0 fails, the launcher
+    does not end rank 1 (it ends a node's ranks only after the first exits): rank 1's watchdog does, naming it."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY, "train.max_steps=100000",
+           "train.eval_every=100000"]
+    job = StreamedJob(cmd, tmp_path / "job.log", ROOT, launcher_env(faults_env(fault)))
+    assert job.wait(timeout=300) == 1
+    out = job.output
+    where = "during start-up" if fault.startswith("error@0") else "at step 4"
+    failed = job.first(f"error: [rank {failing}] unexpected InjectedFault: fault injected on rank {failing} {where}")
+    assert failed is not None and "Traceback" not in out, out[-3000:]
+    assert time.monotonic() - failed < 15, f"the job took {time.monotonic() - failed:.1f} s to end after the error"
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    if failing == 0:
+        assert len(errors) == 2 and errors[1].startswith("error: [rank 1] rank 0 failed (unexpected InjectedFault"), out
+    else:
+        assert len(errors) == 1, out[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- non-finite loss
 def test_nan_on_one_rank_stops_every_rank_keeping_the_last_good_checkpoint(tmp_path, shared_data):
     run_dir = tmp_path / "run"
@@ -153,6 +178,13 @@ def test_fault_plan_fires_once_on_its_rank_and_step(monkeypatch):
     assert torch.isnan(plan.corrupt_loss(one, 5)) and plan.corrupt_loss(one, 5) is one  # once only
     assert torch.isinf(plan.corrupt_loss(one, 6))
     assert not FaultPlan.from_env(rank=2)
+    assert FaultPlan.from_env(rank=0).faults[0].kind == "sigterm"
+    monkeypatch.setenv(ENV, "error@0:1,sigusr2@3:1")
+    plan = FaultPlan.from_env(rank=1)
+    plan.raise_error(1)  # not due
+    with pytest.raises(RuntimeError, match="fault injected on rank 1 during start-up"):
+        plan.raise_error(0)
+    plan.raise_error(0)  # once only
     for bad in ("nan@x", "nan_loss@5", "explode@1:0"):
         monkeypatch.setenv(ENV, bad)
         with pytest.raises(ConfigError, match=ENV):

@@ -61,26 +61,48 @@ def _crash_log(exc: BaseException, run_dir: str | None) -> str:
 
 def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
-    """Run ``main``; a user error is one line on rank 0, an unexpected one is one line plus a crash log."""
+    """Run ``main``; an error is one line: a user error's once for the job, an unexpected one's with a crash log.
+
+    In a multi-rank job the failing rank records its error for the others first (their watchdogs then end them
+    within seconds, naming it), and an error that is really a peer lost mid-collective is left to the watchdog
+    to name."""
+    from .faults import watchdog
+
     args = parser.parse_args(argv)
+    code = 0
     try:
-        return main(args) or 0
+        code = main(args) or 0
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except UserError as e:
-        if args.debug:
-            raise
-        if _rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+        _fail(code, f"error: {e}", args.debug, everywhere=False)
     except Exception as e:  # noqa: BLE001 - the last line of defence before a raw traceback
-        if args.debug:
-            raise
+        code = 1
+        if watchdog.active() is not None and not args.debug:
+            watchdog.active().await_verdict(e)
         where = _crash_log(e, getattr(args, "run_dir", None))
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: [rank {_rank()}] unexpected {type(e).__name__}: {msg} "
-              f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", file=sys.stderr, flush=True)
-        return 1
+        _fail(code, f"error: [rank {_rank()}] unexpected {type(e).__name__}: {msg} "
+                    f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", args.debug, everywhere=True)
+    finally:
+        if watchdog.active() is not None:
+            watchdog.active().close(ok=code == 0)
+    return code
+
+
+def _fail(code: int, line: str, debug: bool, everywhere: bool) -> None:
+    """Show ``line`` (``--debug``: re-raise instead). With a watchdog the job's first failure is shown, by the
+    rank that had it; before one exists, a user error (the same on every rank: arguments, config) is shown by
+    rank 0 only."""
+    from .faults import watchdog
+
+    dog = watchdog.active()
+    first = dog.report_failure(code, line) if dog is not None else (everywhere or _rank() == 0)
+    if debug:
+        raise
+    if first:
+        print(line, file=sys.stderr, flush=True)
 
 
 def require(cond: bool, message: str) -> None:

@@ -58,11 +58,13 @@ def train(args: argparse.Namespace) -> int:
     from .distributed import init_distributed
     from .engine import Trainer
     from .monitor import setup_console_logging
+    from .multihost import check_shared_run_dir
     from .rundir import resolve_run_dir
 
-    ctx = init_distributed()
+    ctx = init_distributed(lost_rank_timeout_s=cfg.train.lost_rank_timeout_s)
     setup_console_logging(ctx)
     run = resolve_run_dir(args.run_dir, spec.name, args.resume, ctx)
+    check_shared_run_dir(run.path, ctx)
     args.run_dir = str(run.path)  # crash logs go to the run
     log.info("run %s: recipe %s on %d rank(s)", run.path, spec.name, ctx.world)
     trainer = Trainer(spec, cfg, ctx, run, resume=args.resume)

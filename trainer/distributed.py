@@ -1,4 +1,10 @@
-"""Process-group start-up that works the same under the deepspeed launcher, torchrun and plain python."""
+"""Process-group start-up that works the same under the deepspeed launcher, torchrun, Slurm and plain python.
+
+The start-up owns the rendezvous store (rank 0 hosts it) so that the job's watchdog can run on it before the
+process group exists: a rank that fails or vanishes at any point after it connected ends the others within
+seconds, start-up included. It must not pick a device past what this task can see, nor let a multi-host job
+start whose ranks would advertise addresses the other hosts cannot reach.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +43,22 @@ def free_port() -> int:
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def interpreter_path(path: str | None) -> str:
+    """``path`` with this interpreter's ``bin/`` first: DeepSpeed builds its C++ ops with the first ``ninja`` on
+    PATH, and a different ninja than last time rebuilds them (a minute per start). A rank started over ssh or by
+    Slurm gets the remote shell's PATH, without the virtual environment."""
+    first = str(Path(sys.executable).parent)
+    rest = [p for p in (path or "").split(os.pathsep) if p and p != first]
+    return os.pathsep.join([first, *rest])
+
+
 def launcher_env(extra: dict | None = None) -> dict:
     """The environment for a child ``deepspeed`` / ``python launch/...`` process: the launcher sets the rank
     variables itself (stale ones from this shell would mislead it), output unbuffered, and this interpreter's
-    ``bin/`` first on PATH so DeepSpeed's op builder finds the venv's ninja (another one rebuilds the op)."""
+    ``bin/`` first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONUNBUFFERED"] = "1"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = interpreter_path(env.get("PATH"))
     return env | (extra or {})
 
 
@@ -56,40 +71,119 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: Slurm's allocation per task where it says, else the affinity mask (a
+    container or ``taskset`` limit), not the machine's count."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _share_cpu_threads() -> None:
-    """CPU ranks on one host split its cores instead of each taking all of them."""
+    """CPU ranks split the CPUs they may use instead of each taking all of them: a Slurm task keeps its own
+    allocation, ranks a launcher started on one host share that host's."""
     if "OMP_NUM_THREADS" in os.environ:
         return
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        torch.set_num_threads(usable_cpus())
+        return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    torch.set_num_threads(max(1, usable_cpus() // max(1, local)))
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistContext:
+def device_index(local_rank: int, visible: int) -> int:
+    """The accelerator a rank uses among the ``visible`` ones its task sees.
+
+    A task bound to one GPU (Slurm ``--gpus-per-task=1``, ``--gpu-bind``) sees it as device 0 whatever its
+    LOCAL_RANK; a task that sees its node's GPUs (the deepspeed launcher, torchrun) takes the LOCAL_RANK-th."""
+    if visible < 1:
+        raise ConfigError("this task sees no GPU (CUDA_VISIBLE_DEVICES is empty or the driver found none); "
+                          "request GPUs for it or run on CPU")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    raise ConfigError(f"LOCAL_RANK is {local_rank} but this task sees only {visible} GPUs "
+                      f"(CUDA_VISIBLE_DEVICES={shown}); bind one GPU per task (--gpus-per-task=1) or let every "
+                      "task see all of its node's GPUs")
+
+
+def join_timeout(lost_rank_timeout_s: float) -> float:
+    """How long start-up waits for a rank to join (rank 0's store, every rank's host record): launchers start
+    hosts a few seconds apart, so never less than a minute."""
+    return max(60.0, lost_rank_timeout_s)
+
+
+_STORE: list[dist.Store] = []  # kept for the process's life: rank 0's object is the server the others talk to
+
+
+def _rendezvous_store(rank: int, world: int, join_s: float, timeout_s: float) -> dist.Store:
+    """The job's key-value store at MASTER_ADDR:MASTER_PORT: rank 0 hosts it (torchrun's agent does when it set
+    one up); every rank holds a client connection. The process group and the watchdog both use it."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    host_it = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        store = dist.TCPStore(host, port, world, is_master=host_it, timeout=timedelta(seconds=join_s),
+                              wait_for_workers=False, multi_tenant=True)
+    except RuntimeError as e:  # torch's DistNetworkError: rank 0 could not host the store, or no rank 0 to reach
+        text = str(e).lower()
+        if host_it and ("eaddrinuse" in text or "address already in use" in text):
+            raise ConfigError(f"port {port} on {host} is already in use (MASTER_PORT); pass a free one with "
+                              "--master_port") from None
+        if not host_it and ("timed out" in text or "timeout" in text):
+            raise ConfigError(f"rank {rank} could not reach rank 0's rendezvous store at {host}:{port} within "
+                              f"{join_s:.0f} s: check that rank 0 started and that this host reaches {host} "
+                              "(MASTER_ADDR)") from None
+        raise
+    store.set_timeout(timedelta(seconds=timeout_s))
+    _STORE.append(store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return store
+
+
+def init_distributed(timeout_s: float = 600.0, lost_rank_timeout_s: float = 60.0) -> DistContext:
+    """Start this rank: device, rendezvous store, the watchdog (multi-rank jobs), host checks, process group,
+    DeepSpeed's communication backend. ``lost_rank_timeout_s`` bounds how long a silent rank is waited for."""
     _single_process_env()
+    os.environ["PATH"] = interpreter_path(os.environ.get("PATH"))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
         _share_cpu_threads()
         device = torch.device("cpu")
     else:
-        acc.set_device(local_rank)
-        device = torch.device(acc.device_name(local_rank))
-    if not dist.is_initialized():
-        try:
-            deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
-                                       timeout=timedelta(seconds=timeout_s))
-        except RuntimeError as e:  # torch's DistNetworkError: rank 0 could not host the rendezvous store
-            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
-                raise
-            addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
-            raise ConfigError(f"port {port} on {addr} is already in use (MASTER_PORT); pass a free one with "
-                              "--master_port") from None
-        if acc.device_name() == "cpu":
-            _unlink_shm_allreduce_buffer()
-    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+        index = device_index(local_rank, acc.device_count())
+        acc.set_device(index)
+        device = torch.device(acc.device_name(index))
+    ctx = DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
+    if dist.is_initialized():
+        return ctx
+    backend = acc.communication_backend_name()
+    join_s = join_timeout(lost_rank_timeout_s)
+    store = _rendezvous_store(rank, world, join_s, timeout_s)
+    if world > 1:
+        from .faults.watchdog import PeerWatchdog
+        from .multihost import check_advertised_addresses
+
+        PeerWatchdog.start(ctx, lost_rank_timeout_s)  # from here on, a failing or vanished rank ends the others
+        check_advertised_addresses(store, ctx, backend, join_s)
+    extra = {"device_id": device} if device.type == "cuda" and world > 1 else {}
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **extra)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))  # wraps the group
+    if acc.device_name() == "cpu":
+        _unlink_shm_allreduce_buffer()
+    return ctx
 
 
 def _unlink_shm_allreduce_buffer() -> None:
@@ -118,6 +212,15 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere)."""
+    if ctx.world == 1:
+        return [obj]
+    out = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(ctx: DistContext) -> None:

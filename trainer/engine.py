@@ -22,7 +22,7 @@ from .distributed import DistContext, all_reduce_sums, barrier, broadcast_object
 from .errors import CheckpointError, ConfigError, UserError
 from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
-from .faults import FaultPlan, PeerWatchdog, PreemptionSignals, StepGate, StepVerdict, agree_on_step
+from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, watchdog
 from .monitor import Monitor
 from .optim import build_averager
 from .recipe import BatchPlan, Recipe
@@ -94,6 +94,9 @@ class LoopState:
 class Trainer:
     def __init__(self, spec: RecipeSpec, cfg: RecipeConfig, ctx: DistContext, run_dir: RunDir, resume: bool):
         self.spec, self.cfg, self.ctx, self.run_dir = spec, cfg, ctx, run_dir
+        self.faults = FaultPlan.from_env(ctx.rank)
+        if self.faults:
+            self.faults.raise_error(0)  # a rank failing at start-up
         if spec.requires_init and not resume and not cfg.train.init_from:
             raise ConfigError(f"recipe {spec.name} continues a trained run: pass --set train.init_from=RUN_DIR "
                               f"(its '{cfg.train.init_checkpoint}' checkpoint is loaded)")
@@ -139,14 +142,11 @@ class Trainer:
         self.averager = build_averager(cfg.optim, self.engine.module, ctx)
         self._stop_requested = False
         self.preempted: str | None = None
-        self.faults = FaultPlan.from_env(ctx.rank)
         if resume_tag:
             self._restore(resume_tag)
         self.preemption = PreemptionSignals()
-        self.watchdog = None
-        if ctx.world > 1:
-            self.watchdog = PeerWatchdog(ctx, cfg.train.lost_rank_timeout_s,
-                                         hint=f"; --resume --run-dir {run_dir.path} continues from its last checkpoint")
+        if watchdog.active() is not None:
+            watchdog.active().hint = f"; --resume --run-dir {run_dir.path} continues from its last checkpoint"
 
     # ----------------------------------------------------------------- checkpoints
     def _resume_tag(self) -> str:
@@ -321,6 +321,7 @@ class Trainer:
         self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
         if self.faults:
             self.faults.signal_self(s.step + 1)
+            self.faults.raise_error(s.step + 1)
         finite = torch.ones((), dtype=torch.bool, device=self.ctx.device)
         step_metrics: dict = {}
         last = len(ts.micro_batches) - 1
@@ -377,22 +378,12 @@ class Trainer:
         return self._stop_requested or self.preempted is not None or bool(max_steps and self.state.step >= max_steps)
 
     def fit(self) -> LoopState:
-        """Train to the end, or to a preemption checkpoint. A failure that is really a lost peer (a collective
-        raising because a rank died) is left to the watchdog, which names the rank and ends the process."""
+        """Train to the end, or to a preemption checkpoint. (A failure, this rank's or a peer's, ends the job
+        through ``trainer.cli.guarded`` and the watchdog.)"""
         try:
-            state = self._fit()
-        except BaseException as e:
-            if self.watchdog is not None and not isinstance(e, UserError):
-                self.watchdog.await_verdict()
-            self._close(ok=False)
-            raise
-        self._close(ok=True)
-        return state
-
-    def _close(self, ok: bool) -> None:
-        self.preemption.close()
-        if self.watchdog is not None:
-            self.watchdog.stop(ok)
+            return self._fit()
+        finally:
+            self.preemption.close()
 
     def _fit(self) -> LoopState:
         cfg, s = self.cfg.train, self.state

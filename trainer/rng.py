@@ -10,19 +10,44 @@ import numpy as np
 import torch
 
 
-def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _own_device() -> torch.device | None:
+    """This rank's accelerator (the current one once the rank chose it), None on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def capture_rng() -> dict:
+    """The host streams and this rank's own device stream, not every visible device's: a resume on a node whose
+    tasks see fewer GPUs must find a state for its device and none for devices it does not have."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    device = _own_device()
+    if device is not None:
+        state["cuda"] = {"index": device.index, "state": torch.cuda.get_rng_state(device)}
     return state
+
+
+def device_state_for(saved: dict, device: torch.device | None) -> torch.Tensor | None:
+    """The saved generator state to restore on ``device``: the rank's own from a checkpoint of this layout; from
+    an older one (every visible device's, by index) the one at this device's index if it had that many; None on
+    CPU or when there is nothing for this device (its stream then starts as seeded)."""
+    cuda = saved.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return None
+    if isinstance(cuda, dict):
+        return cuda["state"]
+    index = device.index or 0
+    return cuda[index] if index < len(cuda) else None
 
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = _own_device()
+    own = device_state_for(state, device)
+    if own is not None:
+        torch.cuda.set_rng_state(own, device)
 
 
 def seed_host_rng(seed: int) -> None:

@@ -1,10 +1,11 @@
 """Faults injected on purpose, for the reliability tests and benchmarks.
 
 ``TRAINER_FAULTS`` holds ``kind@step:rank`` entries separated by commas, e.g. ``nan_loss@5:1`` (rank 1's
-loss is NaN at optimizer step 5) or ``sigkill@7:1`` (rank 1 kills itself with SIGKILL while computing step
-7). Kinds: ``nan_loss``, ``inf_loss``, ``sigkill``, ``sigterm``, ``sigusr1``. A fault fires once per process,
-at the step whose number (counted from 1) it names, on the named rank. Unset, nothing is injected and the
-loop pays one attribute check per step.
+loss is NaN at optimizer step 5), ``sigkill@7:1`` (rank 1 kills itself with SIGKILL while computing step
+7) or ``error@0:1`` (rank 1 raises an ordinary exception during start-up). Kinds: ``nan_loss``, ``inf_loss``,
+``sigkill``, ``sigterm``, ``sigusr1``, ``sigusr2``, ``error``. A fault fires once per process, at the step whose
+number (counted from 1; 0 is start-up, before the model is built) it names, on the named rank. Unset, nothing
+is injected and the loop pays one attribute check per step. Across hosts, pass it in ``~/.deepspeed_env``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 ENV = "TRAINER_FAULTS"
-KINDS = ("nan_loss", "inf_loss", "sigkill", "sigterm", "sigusr1")
+KINDS = ("nan_loss", "inf_loss", "sigkill", "sigterm", "sigusr1", "sigusr2", "error")
 _ENTRY = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+):(?P<rank>\d+)$")
 
 
@@ -59,6 +60,16 @@ class FaultPlan:
         return loss if f is None else loss * float("nan" if f.kind == "nan_loss" else "inf")
 
     def signal_self(self, step: int) -> None:
-        f = self._due(step, ("sigkill", "sigterm", "sigusr1"))
+        f = self._due(step, ("sigkill", "sigterm", "sigusr1", "sigusr2"))
         if f is not None:
             os.kill(os.getpid(), getattr(signal, f.kind.upper()))
+
+    def raise_error(self, step: int) -> None:
+        f = self._due(step, ("error",))
+        if f is not None:
+            where = "during start-up" if step == 0 else f"at step {step}"
+            raise InjectedFault(f"fault injected on rank {f.rank} {where} (TRAINER_FAULTS)")
+
+
+class InjectedFault(RuntimeError):
+    """An ordinary exception, as a bug in a recipe would raise."""

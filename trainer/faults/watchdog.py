@@ -1,26 +1,32 @@
-"""Ends the job within a bound when a rank dies, instead of leaving the others in a collective.
+"""Ends the job within a bound when a rank dies or fails, instead of leaving the others in a collective.
 
-A rank killed with SIGKILL leaves its peers waiting in the next all-reduce until the process-group timeout
-(DeepSpeed's default: 10 minutes; NCCL may wait longer). Each rank runs a daemon thread on its own client
-connection to the rendezvous store (``MASTER_ADDR:MASTER_PORT``):
+A rank killed with SIGKILL, or one that stops on an error of its own, leaves its peers waiting in the next
+collective until the process-group timeout (DeepSpeed's default: 10 minutes; NCCL may wait longer). Each rank
+runs a daemon thread on its own client connection to the rendezvous store (``MASTER_ADDR:MASTER_PORT``), from
+the moment it joined the job (before the process group exists) to its end:
 
-* every rank bumps its heartbeat counter each ``interval``; rank 0 declares a rank lost when its counter
-  has not moved for ``timeout`` seconds (a dead node, a dead host: no clocks compared across machines);
+* every rank bumps its heartbeat counter each ``interval``; rank 0 declares a rank lost when its counter has not
+  moved for ``timeout`` seconds (a dead node, a dead host: no clocks compared across machines);
 * every rank checks the processes of its own node's ranks each ``interval`` and declares a dead one lost at
   once (a rank killed on this host is noticed in about ``interval``, not ``timeout``);
 * ranks other than 0 treat a store that stops answering as the loss of rank 0, which hosts it;
+* a rank that stops on an error records it (``failed``: rank, exit status, its one-line message) before it
+  exits; the others end within ``interval`` plus a short grace, naming it, with its exit status;
 * a verdict goes into the store (``lost``), every rank reads it within ``interval`` and exits with
   :data:`EXIT_LOST_RANK` after one line naming the lost rank.
 
-A rank that ends normally or with an error marks itself done first, so its exit is never taken for a loss.
-The thread holds no lock the training loop needs; the process exits from it with ``os._exit`` because the
-main thread may be blocked inside a collective that will never return.
+A rank that ends normally or with an error marks itself done first, so its exit is never taken for a loss; rank
+0, which hosts the store, waits (briefly) for the others to have read the outcome before it goes. The thread
+holds no lock the training loop needs; it exits the process with ``os._exit`` because the main thread may be
+blocked inside a collective that will never return.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -35,6 +41,12 @@ from ..distributed import DistContext
 log = logging.getLogger("trainer")
 
 EXIT_LOST_RANK = 3
+_ACTIVE: "PeerWatchdog | None" = None
+
+
+def active() -> "PeerWatchdog | None":
+    """The watchdog of this process's job, if it has one (a multi-rank job that got past joining)."""
+    return _ACTIVE
 
 
 def _node_id() -> str:
@@ -52,14 +64,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def looks_like_lost_peer(exc: BaseException) -> bool:
+    """Whether an exception is a collective or store call failing, as when a peer died mid-call."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return bool(re.search(r"gloo|nccl|connection|socket|peer|timed out|broken pipe", str(exc), re.IGNORECASE))
+
+
 class PeerWatchdog:
     def __init__(self, ctx: DistContext, timeout_s: float, hint: str = "", interval_s: float | None = None):
         self.ctx = ctx
         self.timeout = float(timeout_s)
         self.interval = interval_s or max(0.2, min(2.0, self.timeout / 10))
+        self.grace = max(1.0, self.interval)  # for this rank to reach its own error first (one shared by all)
         self.hint = hint  # appended to the message: how to continue (the last checkpoint)
         self.verdict: str | None = None
         self._stop = threading.Event()
+        self._closing = threading.Event()  # this rank is ending on its own: a peer's failure is not news to it
+        self._ending = threading.Lock()  # held by whichever thread ends the process
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self._where = f"{host}:{port}"
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=max(10.0, 5 * self.interval)),
@@ -77,20 +99,28 @@ class PeerWatchdog:
         self._thread.start()
         threading.Thread(target=self._supervise, name="peer-watchdog-supervisor", daemon=True).start()
 
+    @classmethod
+    def start(cls, ctx: DistContext, timeout_s: float) -> "PeerWatchdog":
+        global _ACTIVE
+        _ACTIVE = cls(ctx, timeout_s)
+        return _ACTIVE
+
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                lost = self._check()
+                outcome = self._check()
                 self._store_failures = 0
                 self._tick = time.monotonic()
             except Exception as e:  # noqa: BLE001 - the store itself is what failed
                 self._store_failures += 1
                 if self._stop.is_set() or self._store_failures < 2 or self.ctx.rank == 0:
                     continue
-                lost = f"rank 0 (the rendezvous store at {self._where} stopped answering: {type(e).__name__})"
-            if lost and not self._stop.is_set():
-                self._end(lost)
+                outcome = ("lost", f"rank 0 (the rendezvous store at {self._where} stopped answering: "
+                                   f"{type(e).__name__})")
+            if outcome and not self._stop.is_set():
+                kind, what = outcome
+                self._end(what) if kind == "lost" else self._end_for_failure(what)
 
     def _supervise(self) -> None:
         """A store call can block without end when its host vanished without closing the connection (a
@@ -101,14 +131,21 @@ class PeerWatchdog:
                 who = "rank 0" if self.ctx.rank else "contact with the other ranks"
                 self._end(f"{who} (the rendezvous store at {self._where} has not answered for {silent:.0f} s)")
 
-    def _check(self) -> str | None:
+    def _check(self) -> tuple[str, object] | None:
         if self.store.check(["lost"]):
-            return self.store.get("lost").decode()
+            return "lost", self.store.get("lost").decode()
+        failure = self._failure()
+        if failure is not None and failure["rank"] != self.ctx.rank and not self._closing.is_set():
+            return "failed", failure
         self.store.add(f"hb/{self.ctx.rank}", 1)
         found = self._dead_local_peer() or (self._stale_heartbeat() if self.ctx.rank == 0 else None)
         if found:
             self.store.set("lost", found)
-        return found
+            return "lost", found
+        return None
+
+    def _failure(self) -> dict | None:
+        return json.loads(self.store.get("failed")) if self.store.check(["failed"]) else None
 
     def _dead_local_peer(self) -> str | None:
         if self._local_peers is None:
@@ -134,36 +171,83 @@ class PeerWatchdog:
     def _done(self, rank: int) -> bool:
         return self.store.check([f"done/{rank}"])
 
+    def _say(self, text: str, about: int | None) -> None:
+        """One line per node: its first rank says it (the second, when the first is the one it is about)."""
+        first_here = self.ctx.rank - self.ctx.local_rank
+        if self.ctx.local_rank == 0 or (about == first_here and self.ctx.local_rank == 1):
+            print(f"error: [rank {self.ctx.rank}] {text}; ending the job{self.hint}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+
+    def _finish(self, text: str, about: int | None, code: int) -> None:
+        """Say why (once per node), let the others read the outcome, exit; whichever thread gets here first."""
+        if not self._ending.acquire(blocking=False):
+            threading.Event().wait()  # the other thread is already ending the process
+        self._say(text, about)
+        self._mark_done("ended")
+        if self.ctx.rank == 0:
+            self._linger()
+        os._exit(code)
+
     def _end(self, lost: str) -> None:
         self.verdict = lost
-        words, first_here = lost.split(), self.ctx.rank - self.ctx.local_rank
-        lost_rank = int(words[1]) if words[0] == "rank" else None
-        if self.ctx.local_rank == 0 or (lost_rank == first_here and self.ctx.local_rank == 1):  # one line per node
-            print(f"error: [rank {self.ctx.rank}] lost {lost}; ending the job{self.hint}", file=sys.stderr,
-                  flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_LOST_RANK)
+        words = lost.split()
+        self._finish(f"lost {lost}", int(words[1]) if words[0] == "rank" else None, EXIT_LOST_RANK)
+
+    def _end_for_failure(self, failure: dict) -> None:
+        """Another rank stopped on an error: give this rank's main thread a moment to reach the same error (a
+        config or data error every rank shares is said once, by the rank that got there first), then end."""
+        if self._closing.wait(self.grace):
+            return
+        self.verdict = f"rank {failure['rank']} failed"
+        said = re.sub(r"^error: (\[rank \d+\] )?", "", failure["line"])
+        self._finish(f"rank {failure['rank']} failed ({said})", failure["rank"], int(failure["code"]) or 1)
 
     # ------------------------------------------------------------------ the training loop's side
-    def await_verdict(self) -> None:
-        """After a collective failed: give the thread time to name a lost rank (it then ends the process);
-        returns if none is found, so the caller re-raises the original error."""
-        deadline = time.monotonic() + self.timeout + 3 * self.interval
+    def report_failure(self, code: int, line: str) -> bool:
+        """Record this rank's error for the others, who end within seconds instead of waiting in a collective.
+        True when it is the job's first failure, whose line is the one to show."""
+        self._closing.set()
+        record = json.dumps({"rank": self.ctx.rank, "code": code, "line": line})
+        try:
+            return self.store.compare_set("failed", "", record).decode() == record
+        except Exception:  # noqa: BLE001 - the store is gone: nobody else to tell, so say it here
+            return True
+
+    def await_verdict(self, exc: BaseException) -> None:
+        """After an unexpected error: when it looks like a peer vanished mid-collective, give the thread time to
+        name the lost rank, or the peer's own error (it then ends the process as it ends the others). Returns
+        otherwise, and the caller reports its own error."""
+        wait = self.timeout + 3 * self.interval if looks_like_lost_peer(exc) else 2 * self.interval + self.grace
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline and self._thread.is_alive():
-            try:
-                if self.store.check(["failed"]):
-                    return  # a peer stopped on an error of its own and reported it: nothing was lost
-            except Exception:  # noqa: BLE001 - the thread judges a failing store
-                pass
             time.sleep(self.interval / 4)
 
-    def stop(self, ok: bool = True) -> None:
-        """Mark this rank done (its exit is not a loss) and end the thread."""
-        try:
-            self.store.set(f"done/{self.ctx.rank}", "ok" if ok else "error")
-            if not ok:
-                self.store.set("failed", str(self.ctx.rank))
-        except Exception:  # noqa: BLE001 - the store may already be gone at the very end
-            pass
+    def close(self, ok: bool = True) -> None:
+        """Mark this rank done (its exit is not a loss) and end the thread; rank 0 first lets the others read
+        the job's outcome from the store it hosts."""
+        global _ACTIVE
+        self._closing.set()
+        self._mark_done("ok" if ok else "error")
+        if self.ctx.rank == 0:
+            self._linger()
         self._stop.set()
         self._thread.join(timeout=5 * self.interval + 10)
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def _mark_done(self, how: str) -> None:
+        try:
+            self.store.set(f"done/{self.ctx.rank}", how)
+        except Exception:  # noqa: BLE001 - the store may already be gone at the very end
+            pass
+
+    def _linger(self) -> None:
+        deadline = time.monotonic() + 3 * self.interval + self.grace + 2
+        while time.monotonic() < deadline:
+            try:
+                lost = self.store.get("lost").decode() if self.store.check(["lost"]) else ""
+                if all(self._done(r) or lost.startswith(f"rank {r} ") for r in range(1, self.ctx.world)):
+                    return
+            except Exception:  # noqa: BLE001
+                return
+            time.sleep(self.interval / 4)
