@@ -4,8 +4,9 @@ DeepSpeed saves the module, optimizer and scheduler, and the client state once (
 resume also needs each rank's RNG streams and recipe state (e.g. a carried LSTM hidden state);
 those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files.
 
-A save is atomic: everything is written under ``<tag>.partial/``; once every rank is done, rank 0 records
-each file's size and SHA-256 in ``manifest.json``, renames the directory to ``<tag>`` (an existing ``<tag>``,
+A save is atomic: everything is written under ``<tag>.partial/``; once every rank is done, each rank hashes
+the files it wrote itself and rank 0 records them all (size, SHA-256, writer) in ``manifest.json`` (never from
+its own listing of the directory: on a filesystem shared by several hosts it can lag behind their writes), renames the directory to ``<tag>`` (an existing ``<tag>``,
 e.g. ``best``, is moved aside first and removed after) and only then rewrites ``latest`` (temporary file,
 then rename). A job killed at any moment leaves the previous checkpoints and ``latest`` intact. Loading
 checks the manifest; a resume falls back to the newest checkpoint that passes.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import DistContext, barrier
+from .distributed import DistContext, barrier, gather_to_main
 from .optim.sharded_average import copy_flat_into
 from .errors import CheckpointError
 
@@ -82,9 +83,29 @@ def _files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(tag_dir: Path) -> None:
-    entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tag_dir)}
-    _atomic_write_text(tag_dir / MANIFEST, json.dumps(entries, indent=1))
+_PER_RANK = re.compile(r"^rank_(\d+)\.pt$|zero_pp_rank_(\d+)_")  # ours, and DeepSpeed's partitioned state
+
+
+def writer_of(name: str) -> int:
+    """The rank that writes a checkpoint file: per-rank files name it; every other file is rank 0's."""
+    m = _PER_RANK.search(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def own_entries(tag_dir: Path, rank: int) -> dict[str, dict]:
+    """Size and SHA-256 of the files ``rank`` wrote into ``tag_dir`` (a rank always sees its own writes)."""
+    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p), "rank": rank}
+            for p in _files(tag_dir) if writer_of(p.name) == rank}
+
+
+def write_manifest(tag_dir: Path, per_rank: list[dict[str, dict]]) -> None:
+    """The manifest from every rank's own entries; a rank that listed not even its own small file failed to save."""
+    missing = [r for r, entries in enumerate(per_rank) if rank_file(tag_dir, r).name not in entries]
+    if missing:
+        raise CheckpointError(f"checkpoint {tag_dir.name}: rank(s) {missing} did not write their rank_NNNNN.pt; the "
+                              "save failed, the previous checkpoints are kept: check the run directory's disk")
+    entries = {name: entry for part in per_rank for name, entry in sorted(part.items())}
+    _atomic_write_text(tag_dir / MANIFEST, json.dumps(dict(sorted(entries.items())), indent=1))
 
 
 def verify(ckpt_dir: Path, tag: str) -> str | None:
@@ -228,9 +249,9 @@ class Checkpointer:
                 _atomic_torch_save(obj, staging / name)
         barrier(self.ctx)
         self.engine.save_checkpoint(str(self.dir), tag=staging.name, client_state=client_state, save_latest=False)
-        barrier(self.ctx)  # every rank's files are complete
+        per_rank = gather_to_main(own_entries(staging, self.ctx.rank), self.ctx)  # every rank's files are complete
         if self.ctx.is_main:
-            write_manifest(staging)
+            write_manifest(staging, per_rank)
             _publish(self.dir, tag)
             if save_latest:
                 _atomic_write_text(self.dir / "latest", tag)
