@@ -1,10 +1,10 @@
 """Sweeps end to end on a generated ImageFolder: a 2x2 local grid of tiny ViTs runs, is summarized,
-is skipped when run again; slurm jobs are shown by --dry-run and the job function trains in-process."""
+is skipped when run again; slurm jobs are shown by --dry-run, the shipped sweep files included (tests/cluster
+submits them to a real Slurm cluster)."""
 
 import csv
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
@@ -102,31 +102,26 @@ def test_slurm_dry_run_prints_every_job(images, tmp_path):
     assert not (tmp_path / "out" / ".submitit").exists() and not (tmp_path / "out" / NAMES[0]).exists()
 
 
-def test_slurm_job_function_trains_one_point_in_process(images, tmp_path):
-    """The pickled job, run by submitit's in-process debug executor: no slurm needed."""
-    path = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", images, grid={"seed": [3]})
-    script = textwrap.dedent(f"""
-        import pickle, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        import submitit
-        from trainer.sweeps.backends import TrainPoint
-        from trainer.sweeps.points import expand
-        from trainer.sweeps.spec import load_spec
-        from trainer.sweeps.status import point_status
-        spec = load_spec({str(path)!r})
-        (point,) = expand(spec)
-        job_fn = pickle.loads(pickle.dumps(TrainPoint(spec.recipe, point, {str(tmp_path)!r})))
-        assert job_fn.checkpoint().function is job_fn  # requeued as itself
-        ex = submitit.AutoExecutor(folder={str(tmp_path / "submitit")!r}, cluster="debug")
-        print("result", ex.submit(job_fn).result())
-        print("status", point_status(point.run_dir))
-    """)
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    out = check(proc)
-    assert "status finished" in out and str(tmp_path / "out" / "seed-3") in out
+@pytest.mark.parametrize("shipped", sorted((ROOT / "recipes" / "imagenet" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_sweep_files_dry_run(shipped, tmp_path):
+    """Every shipped sweep file is valid, each point's config builds, and its jobs are what the file asks for
+    (the cluster tests run a small copy of one for real)."""
+    spec = yaml.safe_load(shipped.read_text())
+    spec["sweep_dir"] = str(tmp_path / "out")  # nothing may be written there by a dry run
+    path = tmp_path / shipped.name
+    path.write_text(yaml.safe_dump(spec))
+    out = check(run_sweep(path, "--backend", "slurm", "--dry-run", timeout=120))
+    points = 1
+    for values in spec["grid"].values():
+        points *= len(values)
+    assert out.count("would submit") == points, out
+    s = spec["slurm"]
+    jobs = [line for line in out.splitlines() if line.strip().startswith("slurm:")]
+    assert len(jobs) == points and all(f"nodes={s['nodes']}" in j and f"gpus_per_node={s['gpus_per_node']}" in j
+                                       and f"tasks_per_node={s['gpus_per_node']}" in j for j in jobs), jobs
+    assert out.count(f"launch/train.py --recipe {spec['recipe']} --run-dir") == points
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change, expect", [

@@ -16,6 +16,7 @@ import submitit
 
 from ..errors import ConfigError
 from ..rundir import RunDir
+from . import jobs
 from .points import Point
 from .spec import SweepSpec
 from .status import FINISHED, point_status
@@ -28,16 +29,26 @@ TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 class Step:
     point: Point
     status: str  # finished | partial | missing
-    action: str  # skip | resume | start
+    action: str  # skip | resume | start | wait (its job is still queued or running)
+    job: str = ""  # the live job of a point that waits
 
 
-def plan(points: list[Point]) -> list[Step]:
-    """Skip finished points, resume the ones with a checkpoint, start the rest."""
+def plan(points: list[Point], spec: SweepSpec | None = None) -> list[Step]:
+    """Skip finished points and those whose Slurm job is still queued or running (``jobs.json``), resume the
+    ones with a checkpoint, start the rest."""
+    records = jobs.load(spec) if spec is not None else {}
+    slurm = {p.name: records[p.name]["job"] for p in points if records.get(p.name, {}).get("backend") == "slurm"}
+    live = jobs.slurm_states(list(slurm.values()))
     steps = []
     for p in points:
         status = point_status(p.run_dir)
-        action = "skip" if status == FINISHED else "resume" if RunDir(p.run_dir).has_checkpoint() else "start"
-        steps.append(Step(p, status, action))
+        job = live.get(slurm.get(p.name, ""))
+        if status == FINISHED:
+            steps.append(Step(p, status, "skip"))
+        elif job is not None and job.state in ("queued", "running"):
+            steps.append(Step(p, status, "wait", slurm[p.name]))
+        else:
+            steps.append(Step(p, status, "resume" if RunDir(p.run_dir).has_checkpoint() else "start"))
     return steps
 
 
@@ -64,6 +75,9 @@ def to_run(steps: list[Step]):
         head = f"[{i}/{len(steps)}] {st.point.name}"
         if st.action == "skip":
             print(f"{head}: skipped (finished) {st.point.run_dir}", flush=True)
+            continue
+        if st.action == "wait":
+            print(f"{head}: skipped (job {st.job} is still queued or running) {st.point.run_dir}", flush=True)
             continue
         yield head, st
 
@@ -130,7 +144,9 @@ def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bo
             moved = set_aside(st.point.run_dir)
             if moved:
                 print(f"  an earlier attempt without a checkpoint was moved to {moved}", flush=True)
+        jobs.record(spec, st.point.name, jobs.local_entry())
         rc = subprocess.run(cmd, env=launcher_env()).returncode
+        jobs.record(spec, st.point.name, jobs.local_entry(rc))
         if rc != 0:
             print(f"{head}: failed (exit {rc})", flush=True)
             failed.append(st.point.name)
@@ -168,37 +184,63 @@ def _set_dist_env() -> None:
     )
 
 
-class TrainPoint(submitit.helpers.Checkpointable):
-    """One point as a slurm job: trains in-process and, when preempted or timed out, requeues itself.
+class PointFailed(RuntimeError):
+    """The point's training ended with an error (its one-line message is in the job's log above)."""
 
-    Whether to resume is decided when the job starts, not when it was submitted, so a requeued job
-    continues from the checkpoint its previous attempt left.
+
+class TrainPoint(submitit.helpers.Checkpointable):
+    """One point as a slurm job: every task trains in-process, as one rank of the point's run.
+
+    Whether to resume is decided when the job starts, not when it was submitted, so a requeued job continues
+    from the checkpoint its previous attempt left. A time-limit warning (``--signal``: submitit's SIGUSR2, or
+    SIGUSR1) is handled by the training loop like any preemption: the ranks agree on a step and checkpoint it,
+    then rank 0 requeues the job (at most ``max_requeue`` times) and every rank returns. A SIGTERM is Slurm's
+    own preemption or requeue, which requeues the job itself (or a cancel, which must not): the ranks only
+    checkpoint.
     """
 
-    def __init__(self, recipe: str, point: Point, cwd: str):
+    def __init__(self, recipe: str, point: Point, cwd: str, max_requeue: int = 3):
         self.recipe = recipe
         self.point = point
         self.cwd = cwd
+        self.max_requeue = max_requeue
 
     def __call__(self) -> str:
         os.chdir(self.cwd)  # relative data.root and friends mean what they meant at submission
         run = self.point.run_dir
         if point_status(run) == FINISHED:
             return str(run)
+        from ..faults import preemption
+
+        preemption.catch_early()
         _set_dist_env()
         resume = RunDir(run).has_checkpoint()
 
-        from ..cli import train_parser
+        from ..cli import guarded, train_parser
         from ..commands import train
 
         try:
-            train(train_parser().parse_args(train_args(self.recipe, self.point, resume)))
+            code = guarded(train, train_parser(), train_args(self.recipe, self.point, resume))
         finally:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+        if code != 0:
+            raise PointFailed(f"point {self.point.name} stopped with exit status {code}; its error is above")
+        if preemption.last_signal() in ("SIGUSR1", "SIGUSR2") and os.environ.get("RANK") == "0":
+            self._requeue(preemption.last_signal())
         return str(run)
+
+    def _requeue(self, why: str) -> None:
+        job, done = os.environ.get("SLURM_JOB_ID", ""), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if done >= self.max_requeue:
+            print(f"{self.point.name}: stopped by {why} and not requeued: it was requeued {done} time(s), "
+                  f"slurm.max_requeue is {self.max_requeue}; rerun the sweep to resume it", flush=True)
+            return
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        print(f"{self.point.name}: stopped by {why}; job {job} requeued ({done + 1} of {self.max_requeue}), it "
+              "resumes from the checkpoint", flush=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
@@ -207,7 +249,7 @@ class TrainPoint(submitit.helpers.Checkpointable):
 def slurm_parameters(spec: SweepSpec, name: str) -> dict:
     s = spec.slurm
     params = {
-        "name": name, "nodes": s.nodes, "gpus_per_node": s.gpus_per_node, "tasks_per_node": s.gpus_per_node,
+        "name": name, "nodes": s.nodes, "gpus_per_node": s.gpus_per_node or None, "tasks_per_node": s.tasks,
         "cpus_per_task": s.cpus_per_task, "timeout_min": s.time_min, "mem_gb": s.mem_gb,
         "slurm_partition": s.partition, "slurm_account": s.account, "slurm_constraint": s.constraint,
         "slurm_signal_delay_s": s.signal_delay_s, "slurm_additional_parameters": dict(s.extra) or None,
@@ -217,15 +259,15 @@ def slurm_parameters(spec: SweepSpec, name: str) -> dict:
 
 
 def submit_slurm(spec: SweepSpec, steps: list[Step], dry_run: bool) -> list[str]:
-    """Submit one job per unfinished point; with ``dry_run`` print the jobs instead."""
-    folder = Path(spec.sweep_dir) / ".submitit"
+    """Submit one job per unfinished point whose job is not queued or running; with ``dry_run`` print them."""
+    folder = Path(spec.sweep_dir) / ".submitit" / "%j"  # one folder of logs per job
     executor = None
-    if not dry_run and any(st.action != "skip" for st in steps):
+    if not dry_run and any(st.action in ("start", "resume") for st in steps):
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=spec.slurm.max_requeue)
         except RuntimeError as e:
             raise ConfigError(f"cannot submit to slurm here: {e}") from None
-    jobs = []
+    submitted = []
     for head, st in to_run(steps):
         params = slurm_parameters(spec, f"{spec.recipe}-{st.point.name}")
         cmd = ["python", str(TRAIN_SCRIPT), *train_args(spec.recipe, st.point, st.action == "resume")]
@@ -238,7 +280,8 @@ def submit_slurm(spec: SweepSpec, steps: list[Step], dry_run: bool) -> list[str]
         if st.action == "start":
             set_aside(st.point.run_dir)  # here, not in the job, where ranks on other nodes could race it
         executor.update_parameters(**params)
-        job = executor.submit(TrainPoint(spec.recipe, st.point, os.getcwd()))
+        job = executor.submit(TrainPoint(spec.recipe, st.point, os.getcwd(), spec.slurm.max_requeue))
+        jobs.record(spec, st.point.name, {"backend": "slurm", "job": str(job.job_id)})
         print(f"  job {job.job_id}", flush=True)
-        jobs.append(job.job_id)
-    return jobs
+        submitted.append(job.job_id)
+    return submitted

@@ -18,22 +18,28 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; start nothing")
     p.add_argument("--summarize", action="store_true",
                    help="write summary.csv/.md/.png and TensorBoard hparams (after the run, with --backend)")
+    p.add_argument("--status", action="store_true",
+                   help="one line per point: state (pending, queued, running, done, failed), requeues, run directory")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
 def sweep(args: argparse.Namespace) -> int:
-    if not args.backend and not args.summarize:
-        raise ConfigError("choose --backend local|slurm|hostfile, or --summarize to only summarize")
+    if not args.backend and not args.summarize and not args.status:
+        raise ConfigError("choose --backend local|slurm|hostfile, or --summarize or --status")
     spec = load_spec(args.sweep)
     points = expand(spec)
     check_points(spec, points)
     print(f"sweep {args.sweep}: recipe {spec.recipe}, {len(points)} point(s) in {spec.sweep_dir}", flush=True)
+    if args.status:
+        print_status(spec, points)
+        if not args.backend and not args.summarize:
+            return 0
     failed: list[str] = []
     if args.backend:
         from .backends import plan, run_sequential, submit_slurm
 
-        steps = plan(points)
+        steps = plan(points, spec)
         if args.backend == "slurm":
             submit_slurm(spec, steps, args.dry_run)
         else:
@@ -46,3 +52,23 @@ def sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(failed)} of {len(points)} point(s) failed: {', '.join(failed)}; "
                           "their errors are above, rerun the sweep to resume them")
     return 0
+
+
+def print_status(spec, points) -> None:
+    """Each point's state from its run directory, its jobs.json record and what the scheduler says of that job."""
+    from . import jobs
+    from .status import point_state
+
+    records = jobs.load(spec)
+    slurm = jobs.slurm_states([r["job"] for r in records.values() if r.get("backend") == "slurm"])
+    width = max(len(p.name) for p in points)
+    for p in points:
+        entry = records.get(p.name)
+        job = None
+        if entry is not None:
+            job = slurm.get(entry["job"]) if entry.get("backend") == "slurm" else jobs.local_state(entry)
+        state, detail = point_state(p.run_dir, job)
+        requeues = job.requeues if job is not None else 0
+        label = f"job {entry['job']}" if entry and entry.get("backend") == "slurm" else "local"
+        print(f"{p.name:<{width}}  {state:<7}  requeued {requeues}  {p.run_dir}  ({label}"
+              f"{': ' + detail if detail else ''})", flush=True)

@@ -16,7 +16,8 @@ from ..registry import get_recipe
 
 class SlurmSpec(Section):
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=0, description="0: CPU tasks (tasks_per_node of them)")
+    tasks_per_node: int | None = Field(None, ge=1, description="ranks per node; default one per GPU")
     partition: str | None = None
     time_min: int = Field(4320, ge=1)
     account: str | None = None
@@ -27,6 +28,10 @@ class SlurmSpec(Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="more sbatch options, e.g. {qos: high}")
     max_requeue: int = Field(3, ge=0, description="times a timed-out job is requeued to resume")
     signal_delay_s: int = Field(120, ge=0, description="warning before the time limit, to requeue in time")
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
 class SweepSpec(Section):

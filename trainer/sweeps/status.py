@@ -64,3 +64,20 @@ def point_status(run_dir: Path, records: list[dict] | None = None) -> str:
     if train.get("test_at_end") and not any(r["split"] == "test" and r.get("step", -1) >= step for r in records):
         return PARTIAL
     return FINISHED if ended else PARTIAL
+
+
+def point_state(run_dir: Path, job) -> tuple[str, str]:
+    """(state, detail) for ``--status``: pending, queued, running, done or failed. ``job`` is what is known of
+    the point's job (a ``jobs.JobState``: from its scheduler or its sweep process), None if it never had one."""
+    status = point_status(run_dir)
+    if status == FINISHED:
+        return "done", ""
+    at = _latest_step(RunDir(run_dir))
+    where = f"checkpoint at step {at}" if at is not None else "no checkpoint"
+    if job is None:
+        return ("pending", "not started") if status == MISSING else ("failed", f"stopped, {where}; rerun the sweep to resume")
+    if job.state in ("queued", "running"):
+        return job.state, f"{job.detail}, {where}"
+    if job.state == "unknown":
+        return ("pending" if status == MISSING else "failed"), job.detail
+    return "failed", f"{job.detail}, {where}; rerun the sweep to resume"
