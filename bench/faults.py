@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import (BIN, cleanup, free_port, machine_line, markdown_table, read_metrics, scratch_dir,  # noqa
                           short_eval_data)
-from bench.two_nodes import TwoNodes, kill_stray_nodes  # noqa: E402
+from bench.two_nodes import TwoNodes  # noqa: E402
 from trainer.checkpoint import step_tags, verify  # noqa: E402
 from trainer.distributed import launcher_env  # noqa: E402
 
@@ -213,12 +213,11 @@ def run_lost_node(root: Path, data_root: Path, timeout_s: float) -> list:
         code = nodes.wait(timeout=timeout_s + 300)
         exit_s = time.monotonic() - t_fault
     finally:
-        kill_stray_nodes()
+        nodes.close()
     before = snapshot(run_dir)
     start, ok = resume(run_dir, root / "lost_node-resume.log", max(done, logged_steps(run_dir)[-1]))
     tracebacks = nodes.log(0).count("Traceback") + (root / "lost_node-resume.log").read_text().count("Traceback")
-    where = "own network namespaces" if nodes.addr != "127.0.0.1" else "loopback"
-    return ["lost_node", f"node 1 of 2 (launcher + rank) killed, {where}: heartbeat timeout", exit_s, code,
+    return ["lost_node", f"node 1 of 2 (launcher + rank) killed, hosts in {nodes.mode}: heartbeat timeout", exit_s, code,
             max(0, done - start), tracebacks, data_lost(before, run_dir), "yes" if ok else "FAILED"]
 
 

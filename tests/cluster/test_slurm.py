@@ -1,0 +1,151 @@
+"""Sweeps on a real Slurm cluster (slurm.py: slurmctld, slurmdbd, two slurmd, munge, MariaDB on the test hosts):
+``launch/sweep.py --backend slurm`` submits with sbatch through submitit, each point a 2-task job across both
+nodes; ``--status`` follows the jobs; ``scontrol requeue`` and a time limit checkpoint, requeue and resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import yaml
+
+from bench.common import read_metrics
+from conftest import BIN, ROOT, free_port, make_image_folder
+from trainer.distributed import launcher_env
+
+from .conftest import SHIPPED, TINY_AWD, TINY_VIT, on_node1
+from .hosts import HostsUnavailable
+from .slurm import SlurmCluster
+
+CPU_JOB = {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "partition": "debug",
+           "time_min": 10, "mem_gb": None}
+
+
+@pytest.fixture(scope="module")
+def slurm(hosts):
+    cluster = SlurmCluster(hosts, hosts.work / "slurm")
+    try:
+        cluster.up()
+    except HostsUnavailable as e:
+        pytest.fail(f"cannot bring up the Slurm cluster: {e}")
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images") / "imagenet")
+
+
+def sweep_on_node1(hosts, path, *flags, log, home):
+    job = on_node1(hosts, [sys.executable, "launch/sweep.py", str(path), *flags], log, home)
+    assert job.wait(timeout=300) == 0, job.output[-4000:]
+    return job.output
+
+
+def status_lines(hosts, path, log, home) -> dict[str, str]:
+    out = sweep_on_node1(hosts, path, "--status", log=log, home=home)
+    return {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+
+
+def recorded_jobs(sweep_dir) -> dict[str, str]:
+    return {name: r["job"] for name, r in json.loads((sweep_dir / "jobs.json").read_text()).items()}
+
+
+def test_slurm_sweep_runs_each_point_as_a_two_node_job(hosts, slurm, images, home, tmp_path):
+    """A small copy of the shipped ViT-T early-dropout sweep: two points, each 2 tasks on 2 nodes."""
+    spec = yaml.safe_load(SHIPPED.read_text())
+    spec.update(sweep_dir=str(tmp_path / "sweep"), slurm=CPU_JOB,
+                grid={"drop.mode": ["standard", "early"], "drop.dropout": [0.1]})
+    spec["base"].update({"data.root": str(images), **TINY_VIT})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    root = tmp_path / "sweep"
+
+    out = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log", home=home)
+    assert out.count("  job ") == 2, out
+    submitted = recorded_jobs(root)
+    again = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "again.log", home=home)
+    assert again.count("is still queued or running") == 2 and "  job " not in again, again
+    assert recorded_jobs(root) == submitted and len(slurm.jobs()) == 2  # nothing submitted twice
+    states = status_lines(hosts, path, tmp_path / "status1.log", home)
+    assert {line.split()[1] for line in states.values()} <= {"queued", "running"}, states
+
+    for job in submitted.values():
+        assert slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    states = status_lines(hosts, path, tmp_path / "status2.log", home)
+    for name, job in submitted.items():
+        assert states[name].split()[1:4] == ["done", "requeued", "0"], states[name]
+        assert f"job {job}" in states[name] and str(root / name) in states[name]
+        logs = "".join(p.read_text() for p in (root / ".submitit" / job).glob("*_log.*"))
+        assert "on 2 rank(s)" in logs and "hostname=node1" in logs and "hostname=node2" in logs, logs[-3000:]
+        assert [r["step"] for r in read_metrics(root / name, "train")] == list(range(1, 7))
+    summary = sweep_on_node1(hosts, path, "--summarize", log=tmp_path / "summary.log", home=home)
+    assert "summary: 2 finished" in summary and (root / "summary.csv").is_file()
+
+
+def awd_point(tmp_path, max_steps: int, **slurm_changes) -> tuple:
+    """A one-point AWD sweep whose point runs long enough to be interrupted (a checkpoint only when stopped)."""
+    spec = {"recipe": "awd_ptb", "sweep_dir": str(tmp_path / "sweep"),
+            "base": {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in TINY_AWD)}
+            | {"train.max_steps": max_steps, "train.checkpoint_every": 100000, "train.eval_every": 100000},
+            "grid": {"seed": [5]}, "slurm": {**CPU_JOB, **slurm_changes}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path, tmp_path / "sweep" / "seed-5"
+
+
+def wait_for_steps(run, step: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not [r for r in read_metrics(run, "train") if r["step"] >= step]:
+        assert time.monotonic() < deadline, f"no step {step} in {run} within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_scontrol_requeue_checkpoints_an_agreed_step_and_resumes_bit_for_bit(hosts, slurm, home, tmp_path,
+                                                                             shared_data):
+    path, run = awd_point(tmp_path, max_steps=300)
+    sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log", home=home)
+    (job,) = recorded_jobs(tmp_path / "sweep").values()
+    wait_for_steps(run, 20, timeout=300)
+    slurm.run(["scontrol", "requeue", job])
+    assert slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600) == "COMPLETED"
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit" / job).glob("*_log.*"))
+    assert "preempted (SIGTERM) at step" in logs and "Traceback" not in logs
+    tag = logs.split("preempted (SIGTERM) at step ")[1].split(":")[0]
+    assert f"resumed from step_{int(tag):08d} at step {tag}" in logs, logs[-3000:]
+    assert slurm.job_field(job, "Restarts") == "1"
+    assert status_lines(hosts, path, tmp_path / "status.log", home)["seed-5"].split()[1:4] == ["done", "requeued",
+                                                                                             "1"]
+    # the same point without interruption, 2 ranks on one host: every step's loss is the same, bit for bit
+    ref = tmp_path / "ref"
+    sets = [f"{k}={v}" for k, v in yaml.safe_load(path.read_text())["base"].items()] + ["seed=5"]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--recipe", "awd_ptb", "--run-dir", str(ref), "--set", *sets]
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = {r["step"]: r["loss"] for r in read_metrics(run, "train")}
+    assert steps == {r["step"]: r["loss"] for r in read_metrics(ref, "train")}
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(hosts, slurm, home, tmp_path, shared_data):
+    """A 2-minute limit with the warning 100 s before it (Slurm sends it up to a minute early): each attempt is
+    warned by submitit's SIGUSR2 while training, checkpoints the step its ranks agree on and rank 0 requeues
+    the job; with max_requeue 1 the second attempt resumes and, warned again, stops for good."""
+    path, run = awd_point(tmp_path, max_steps=100000, time_min=2, signal_delay_s=100, max_requeue=1)
+    sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log", home=home)
+    (job,) = recorded_jobs(tmp_path / "sweep").values()
+    assert slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "sweep" / ".submitit" / job).glob("*_log.*")))
+    stops = [int(x.split(":")[0]) for x in logs.split("preempted (SIGUSR2) at step ")[1:]]
+    assert len(stops) == 2 and stops[0] < stops[1], logs[-3000:]
+    assert f"resumed from step_{stops[0]:08d} at step {stops[0]}" in logs
+    assert "requeued (1 of 1)" in logs and "not requeued: it was requeued 1 time(s)" in logs
+    assert "Traceback" not in logs
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{stops[1]:08d}"
+    line = status_lines(hosts, path, tmp_path / "status.log", home)["seed-5"]
+    assert line.split()[1:4] == ["failed", "requeued", "1"] and "rerun the sweep to resume" in line
