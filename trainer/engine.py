@@ -7,18 +7,16 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoint import (AVERAGE_FILE, BEST, Checkpointer, check_signature, choose_resume_tag, load_weights,
-                         param_digest, rank_file, read_average_state, read_client_state, read_latest_tag,
-                         recover_interrupted, resolve_tag, step_tag)
+from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signature, load_weights, read_client_state,
+                         read_latest_tag, resolve_tag, step_tag)
 from .config import RecipeConfig, deep_merge, to_yaml
-from .distributed import DistContext, all_reduce_sums, barrier, broadcast_object
+from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
 from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
@@ -27,7 +25,7 @@ from .monitor import Monitor
 from .optim import build_averager
 from .recipe import BatchPlan, Recipe
 from .registry import RecipeSpec
-from .rng import capture_rng, restore_rng, seed_everything
+from .rng import seed_everything
 from .rundir import RunDir
 
 log = logging.getLogger("trainer")
@@ -106,7 +104,7 @@ class Trainer:
         self.state = LoopState()
 
         self.recipe.setup()
-        resume_tag = self._resume_tag() if resume else None
+        resume_tag = agree_on_resume_tag(run_dir.checkpoints, ctx) if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
         init_tag = None
@@ -143,27 +141,12 @@ class Trainer:
         self._stop_requested = False
         self.preempted: str | None = None
         if resume_tag:
-            self._restore(resume_tag)
+            self._resume(resume_tag)
         self.preemption = PreemptionSignals()
         if watchdog.active() is not None:
             watchdog.active().hint = f"; --resume --run-dir {run_dir.path} continues from its last checkpoint"
 
     # ----------------------------------------------------------------- checkpoints
-    def _resume_tag(self) -> str:
-        """Rank 0 repairs an interrupted save and picks the newest checkpoint that verifies; all ranks
-        share its answer, an error included, so none waits on a rank that gave up."""
-        answer = None
-        if self.ctx.is_main:
-            try:
-                recover_interrupted(self.run_dir.checkpoints)
-                answer = ("tag", choose_resume_tag(self.run_dir.checkpoints))
-            except CheckpointError as e:
-                answer = ("error", str(e))
-        kind, value = broadcast_object(answer, self.ctx)
-        if kind == "error":
-            raise CheckpointError(value)
-        return value
-
     def _check_compatible(self, saved: dict, tag: str) -> None:
         trainer = saved.get("trainer", {})
         if trainer.get("recipe") not in (None, self.spec.name):
@@ -180,61 +163,20 @@ class Trainer:
         check_signature(self.recipe.checkpoint_signature(), read_client_state(ckpt_dir, tag), f"{source}:{tag}")
         return tag
 
-    def _client_state(self) -> dict:
-        return {
-            "trainer": {**asdict(self.state), "recipe": self.spec.name, "world": self.ctx.world},
-            "recipe": self.recipe.state_dict(),
-            "signature": self.recipe.checkpoint_signature(),
-        }
-
-    def _rank_state(self) -> dict:
-        return {
-            "rng": capture_rng(),
-            "recipe": self.recipe.rank_state_dict(),
-            "param_digest": param_digest(self.engine.module),
-            "rank": self.ctx.rank,
-            "world": self.ctx.world,
-        }
-
     def save(self, tag: str | None = None) -> None:
         tag = tag or step_tag(self.state.step)
-        best = tag == BEST
-        shared = {}
-        if not best:
+        if tag != BEST:
             self.state.last_ckpt_step = self.state.step
-            if self.averager is not None:  # 'best' holds the averaged weights themselves
-                shared[AVERAGE_FILE] = self.averager.state_dict()
-        self.ckpt.save(tag, self._client_state(), self._rank_state(), save_latest=not best, shared=shared)
+        trainer_state = {**asdict(self.state), "recipe": self.spec.name, "world": self.ctx.world}
+        self.ckpt.save(tag, trainer_state, self.recipe, self.averager)
         log.info("saved checkpoint %s at step %d", tag, self.state.step)
 
-    def _restore(self, tag: str) -> None:
-        """Continue from ``tag``, on the world size it was written by or on another (elastic resume): the global
-        batch is the same, so the data position means the same samples; ZeRO's partitioned optimizer state is
-        re-cut for this world and the recipe re-splits its per-rank state."""
-        tag_dir = self.ckpt.dir / tag
-        saved_world = _saved_world(tag_dir, self.ctx.world)
-        elastic = saved_world != self.ctx.world
-        if elastic and _partitions_optimizer(self.engine.optimizer):
-            client, own = _load_repartitioned(self.engine, self.ckpt, tag, saved_world), None
-        else:
-            client, own = self.ckpt.load(tag)
-        for k, v in client["trainer"].items():
+    def _resume(self, tag: str) -> None:
+        """Continue from ``tag``: the checkpointer restores the engine, recipe, average and RNG streams (on this
+        world size or another) and hands back the loop's saved state."""
+        for k, v in self.ckpt.restore(tag, self.recipe, self.averager, self.plan.global_batch).items():
             if hasattr(self.state, k):
                 setattr(self.state, k, v)
-        self.recipe.load_state_dict(client.get("recipe", {}))
-        if self.averager is not None:
-            saved = read_average_state(self.ckpt.dir, tag)
-            if saved is not None:
-                self.averager.load_state_dict(saved)
-        if elastic:
-            self.recipe.load_rank_states([_load_rank_state(tag_dir, r)["recipe"] for r in range(saved_world)])
-            log.info("checkpoint %s was written by %d rank(s) and continues on %d (global batch %d unchanged); "
-                     "per-rank RNG streams start fresh", tag, saved_world, self.ctx.world, self.plan.global_batch)
-        elif own is not None:
-            restore_rng(own["rng"])
-            self.recipe.load_rank_state_dict(own["recipe"])
-        else:
-            log.warning("checkpoint %s has no per-rank state; per-rank RNG and state start fresh", tag)
         log.info("resumed from %s at step %d (epoch %d)", tag, self.state.step, self.state.epoch)
 
     # ----------------------------------------------------------------- evaluation
@@ -463,101 +405,3 @@ class Trainer:
 
 def _short(v: float) -> str:
     return f"{v:.4g}"
-
-
-# ----------------------------------------------------------------- elastic resume
-def _load_rank_state(tag_dir: Path, rank: int) -> dict:
-    return torch.load(rank_file(tag_dir, rank), map_location="cpu", weights_only=False)
-
-
-def _saved_world(tag_dir: Path, default: int) -> int:
-    """The world size a checkpoint was written by, from rank 0's small file (``default`` if it has none)."""
-    return _load_rank_state(tag_dir, 0)["world"] if rank_file(tag_dir, 0).is_file() else default
-
-
-def _partitions_optimizer(optimizer) -> bool:
-    """Whether DeepSpeed cut the optimizer state over the ranks (ZeRO 1/2, its bf16 optimizer): such state is
-    saved per rank and DeepSpeed refuses it at another world size. Unpartitioned state is saved whole."""
-    return hasattr(optimizer, "_param_slice_mappings")
-
-
-def _load_repartitioned(engine, ckpt: Checkpointer, tag: str, saved_world: int) -> dict:
-    """Load ``tag``, written by ``saved_world`` ranks (another world size), its partitioned optimizer state re-cut.
-
-    DeepSpeed loads the module, scheduler and counters (and refuses only the optimizer state, whose partitions
-    follow the world size); the fp32 master weights and optimizer state are then rebuilt here, parameter by
-    parameter: every rank's file maps parameter names to slices of its partition (the mapping DeepSpeed's
-    universal checkpoints are made from), so each parameter's whole state is the concatenation of its slices,
-    and this rank copies out the slices its own partition holds. Like DeepSpeed's own elastic load, every rank
-    reads every old rank's file: the whole optimizer state passes through host memory once. Returns the client state.
-    """
-    client, _ = ckpt.load(tag, optimizer_states=False)
-    whole, alike, groups = _whole_optimizer_state(_zero_files(ckpt.dir / tag, saved_world))
-    opt = engine.optimizer
-    lp_groups = getattr(opt, "bit16_groups", None) or opt.bf16_groups
-    hp_groups = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
-    states = {}
-    for g, (lps, flat) in enumerate(zip(lp_groups, hp_groups)):
-        keys = {key for lp in lps for key in whole[g].get(opt.param_names[lp], {})} - {"fp32"}
-        state = {key: torch.zeros_like(flat) for key in keys}
-        for lp in lps:
-            if lp._hp_mapping is None:  # no slice of this parameter in this rank's partition
-                continue
-            name = opt.param_names[lp]
-            saved = whole[g].get(name)
-            if saved is None or saved["fp32"].numel() != lp.numel():
-                raise CheckpointError(f"checkpoint {tag} has no optimizer state of parameter {name} with "
-                                      f"{lp.numel()} values; resume with the model it was written with")
-            src, dst = lp._hp_mapping.lp_fragment_address, lp._hp_mapping.hp_fragment_address
-            for key, value in saved.items():
-                target = flat.data if key == "fp32" else state[key]
-                target.narrow(0, dst.start, dst.numel).copy_(value.narrow(0, src.start, src.numel))
-        states[g] = {**alike[g], **state}
-    # torch's own load: one flat partition per group, as saved; it puts each value where the optimizer wants it
-    groups = groups or opt.optimizer.state_dict()["param_groups"]
-    opt.optimizer.load_state_dict({"state": states, "param_groups": groups})
-    opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its per-parameter views at the next step
-    return client
-
-
-def _zero_files(tag_dir: Path, world: int) -> list[Path]:
-    """The partitioned optimizer files of the ``world`` ranks that wrote a checkpoint, in rank order."""
-    files = [next(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_*optim_states.pt"), None) for r in range(world)]
-    missing = [r for r, f in enumerate(files) if f is None]
-    if missing:
-        raise CheckpointError(f"checkpoint {tag_dir} lacks the optimizer files of ranks {missing}; "
-                              "resume from an earlier tag")
-    return files
-
-
-def _whole_optimizer_state(files: list[Path]) -> tuple[list[dict[str, dict[str, torch.Tensor]]], list[dict], list]:
-    """Per group, {parameter name: {"fp32": master weights, state key: values}} over the whole flattened parameter
-    and the state all ranks hold alike (e.g. Adam's step); and the saved param_groups (None if not saved)."""
-    pieces: list[dict[str, dict[str, list[torch.Tensor]]]] = []
-    alike: list[dict] = []
-    groups = None
-    for path in files:
-        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        base = sd["base_optimizer_state"]  # torch's state_dict; DeepSpeed's elastic layout is a list per group
-        states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-        if groups is None and isinstance(base, dict):
-            groups = base["param_groups"]
-        for g, mapping in enumerate(sd["param_slice_mappings"]):
-            fp32 = sd["single_partition_of_fp32_groups"][g]
-            sizes = {fp32.numel(), fp32.numel() + sd["group_paddings"][g]}  # with or without the last rank's padding
-            flat = {"fp32": fp32}
-            if len(pieces) <= g:
-                pieces.append({})
-                alike.append({})
-            for key, value in states.get(g, {}).items():
-                if torch.is_tensor(value) and value.dim() == 1 and value.numel() in sizes:
-                    flat[key] = value
-                else:
-                    alike[g].setdefault(key, value)
-            for name, at in mapping.items():
-                slices = pieces[g].setdefault(name, {})
-                for key, value in flat.items():
-                    slices.setdefault(key, []).append(value.narrow(0, at.start, at.numel))
-    whole = [{name: {key: torch.cat(parts) for key, parts in slices.items()} for name, slices in group.items()}
-             for group in pieces]
-    return whole, alike, groups

@@ -23,7 +23,10 @@ from trainer.recipe import MicroResult, Recipe, TrainStep
 from trainer.schedules import current_rates, prepare_drop_path, set_drop_path, set_dropout
 
 from .config import ImageDataConfig, ImageNetConfig
-from .data import SyntheticSplit, build_transforms, eval_loader, open_split, train_loader
+from .data.loading import eval_loader, train_loader
+from .data.splits import open_split
+from .data.synthetic import SyntheticSplit
+from .data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
 

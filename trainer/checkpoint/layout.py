@@ -1,0 +1,45 @@
+"""Where things are in a checkpoint directory: the tag names, the files a tag holds, and how to list the tags.
+It reads no checkpoint's contents and writes nothing; the other checkpoint modules name every file through it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+BEST = "best"
+LATEST = "latest"  # the file naming the newest complete step checkpoint
+PARTIAL = ".partial"  # a save in progress (or one a crash interrupted)
+REPLACED = ".old"  # the previous copy of a tag being replaced, until the new one is in place
+MANIFEST = "manifest.json"
+STEP_TAG = re.compile(r"^step_(\d+)$")
+MODEL_STATES = "mp_rank_00_model_states.pt"
+AVERAGE_FILE = "averaged.pt"  # the NT-ASGD state: whole average, independent of the world size
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rank_{rank:05d}.pt"
+
+
+_PER_RANK = re.compile(r"^rank_(\d+)\.pt$|zero_pp_rank_(\d+)_")  # ours, and DeepSpeed's partitioned state
+
+
+def writer_of(name: str) -> int:
+    """The rank that writes a checkpoint file: per-rank files name it; every other file is rank 0's."""
+    m = _PER_RANK.search(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def read_latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """Step checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and STEP_TAG.match(p.name))
