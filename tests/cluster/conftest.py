@@ -53,9 +53,11 @@ def home(tmp_path) -> Path:
     return d
 
 
-def on_node1(hosts, argv: list[str], log: Path, home: Path, env: dict | None = None) -> StreamedJob:
-    """``argv`` typed on node1 in the checkout, as a user would."""
-    return StreamedJob(hosts["node1"].cmd(argv, ROOT), log, ROOT, launcher_env({"HOME": str(home), **(env or {})}))
+def on_node1(hosts, argv: list[str], log: Path, home: Path | None = None) -> StreamedJob:
+    """``argv`` typed on node1 in the checkout, as a user would; ``home`` (for its ``.deepspeed_env``) stands in
+    for the user's home directory. (A Slurm job inherits its submitter's HOME, and with it torch's build cache
+    of DeepSpeed's C++ op: the tests that submit keep this machine's, so their jobs need not rebuild it.)"""
+    return StreamedJob(hosts["node1"].cmd(argv, ROOT), log, ROOT, launcher_env({"HOME": str(home)} if home else {}))
 
 
 def hostfile_train(hostfile: Path, args: list[str]) -> list[str]:
