@@ -133,10 +133,10 @@ def main() -> int:
     print(f"\nawd_ptb small shape, {args.steps} steps, {args.rounds} round(s), median of "
           f"{len(rates['2 ranks, one host'])} windows each")
     print(markdown_table(["launch", "tokens/s (median)", "ratio to one host"],
-                         [["2 ranks, one host", one, 1.0], ["2 ranks, two hosts", two, two / one]]))
+                         [["2 ranks, one host", one, "1.00"], ["2 ranks, two hosts", two, f"{two / one:.2f}"]]))
     print(f"\nscontrol requeue of a 2-node Slurm point (KillWait {KILL_WAIT_S} s, requeue hold {REQUEUE_DELAY_S} s)")
     print(markdown_table(["requeue", "checkpoint written (s)", "running again (s)", "first resumed step (s)"],
-                         [[i + 1, *t] for i, t in enumerate(times)]))
+                         [[i + 1, *(f"{x:.1f}" for x in t)] for i, t in enumerate(times)]))
     ok_rate, ok_requeue = two / one >= 0.5, max(t[2] for t in times) <= 60
     print(f"\nverdict: two hosts keep {two / one:.2f} of the one-host rate (budget >= 0.5): "
           f"{'pass' if ok_rate else 'FAIL'}; first resumed step at most {max(t[2] for t in times):.1f} s after "

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, HostError, UserError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         code = 130
     except UserError as e:
         code = 2
-        _fail(code, f"error: {e}", args.debug, everywhere=False)
+        _fail(code, f"error: {e}", args.debug, everywhere=isinstance(e, HostError))
     except Exception as e:  # noqa: BLE001 - the last line of defence before a raw traceback
         code = 1
         if watchdog.active() is not None and not args.debug:
@@ -94,7 +94,7 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
 def _fail(code: int, line: str, debug: bool, everywhere: bool) -> None:
     """Show ``line`` (``--debug``: re-raise instead). With a watchdog the job's first failure is shown, by the
     rank that had it; before one exists, a user error (the same on every rank: arguments, config) is shown by
-    rank 0 only."""
+    rank 0 only, unless it is ``everywhere``'s (a host's own problem, an unexpected error)."""
     from .faults import watchdog
 
     dog = watchdog.active()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, HostError
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _rendezvous_store(rank: int, world: int, join_s: float, timeout_s: float) ->
             raise ConfigError(f"port {port} on {host} is already in use (MASTER_PORT); pass a free one with "
                               "--master_port") from None
         if not host_it and ("timed out" in text or "timeout" in text):
-            raise ConfigError(f"rank {rank} could not reach rank 0's rendezvous store at {host}:{port} within "
+            raise HostError(f"rank {rank} could not reach rank 0's rendezvous store at {host}:{port} within "
                               f"{join_s:.0f} s: check that rank 0 started and that this host reaches {host} "
                               "(MASTER_ADDR)") from None
         raise

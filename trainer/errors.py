@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class HostError(ConfigError):
+    """A problem of the raising rank's own host (its network, its view of the files): said by that rank even
+    before the job can tell the ranks' errors apart, since the others do not share it."""

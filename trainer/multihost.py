@@ -21,7 +21,7 @@ import psutil
 import torch.distributed as dist
 
 from .distributed import DistContext, broadcast_object
-from .errors import ConfigError
+from .errors import ConfigError, HostError
 
 IFNAME_VARS = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}
 ENV_FILE_HINT = ("put the line in ~/.deepspeed_env on the host you launch from: the deepspeed launcher exports "
@@ -59,7 +59,7 @@ def gloo_address() -> tuple[str, str]:
         name = ifnames.split(",")[0]
         found = _interfaces().get(name)
         if not found:
-            raise ConfigError(f"GLOO_SOCKET_IFNAME={ifnames} names no interface with an IPv4 address on host "
+            raise HostError(f"GLOO_SOCKET_IFNAME={ifnames} names no interface with an IPv4 address on host "
                               f"{socket.gethostname()} (it has {_describe_interfaces()}); set it to the interface "
                               f"the hosts share, the same name on every host; {ENV_FILE_HINT}")
         return found[0], f"interface {name} (GLOO_SOCKET_IFNAME)"
@@ -94,7 +94,7 @@ def check_advertised_addresses(store: dist.Store, ctx: DistContext, backend: str
     hosts = {json.loads(store.get(k))["host"] for k in keys}
     if backend == "gloo" and len(hosts) > 1 and _is_loopback(addr):
         var = IFNAME_VARS["gloo"]
-        raise ConfigError(
+        raise HostError(
             f"rank {ctx.rank} on host {socket.gethostname()} would advertise {addr} ({source}) to ranks on "
             f"{len(hosts) - 1} other host(s), which cannot reach a loopback address: set {var} (NCCL_SOCKET_IFNAME "
             f"for NCCL) to the interface the hosts share, e.g. {var}={_suggested_interface()}; {ENV_FILE_HINT}")

@@ -23,6 +23,7 @@ blocked inside a collective that will never return.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -47,6 +48,11 @@ _ACTIVE: "PeerWatchdog | None" = None
 def active() -> "PeerWatchdog | None":
     """The watchdog of this process's job, if it has one (a multi-rank job that got past joining)."""
     return _ACTIVE
+
+
+def _close_at_exit() -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.close(ok=True)
 
 
 def _node_id() -> str:
@@ -101,8 +107,11 @@ class PeerWatchdog:
 
     @classmethod
     def start(cls, ctx: DistContext, timeout_s: float) -> "PeerWatchdog":
+        """The process's watchdog; a process that ends without closing it (a script using init_distributed
+        directly) closes it at exit, as a normal end."""
         global _ACTIVE
         _ACTIVE = cls(ctx, timeout_s)
+        atexit.register(_close_at_exit)
         return _ACTIVE
 
     # ------------------------------------------------------------------ the thread
