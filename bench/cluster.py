@@ -13,7 +13,7 @@ Slurm cluster on them), as root.
 Verdicts: the 2-host run keeps at least half the one-host rate, and the resumed job's first step comes within
 60 s of the requeue (the cluster's KillWait is 30 s and its requeue hold, AuthInfo=cred_expire, 5 s).
 
-    sudo .venv/bin/python bench/cluster.py [--rounds 2] [--steps 240] [--requeues 2]
+    .venv/bin/python bench/cluster.py [--rounds 2] [--steps 240] [--requeues 2]    # as root
 """
 
 from __future__ import annotations

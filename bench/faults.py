@@ -162,6 +162,8 @@ SCENARIOS = {
     "sigkill_rank": ("SIGKILL to rank 1", sigkill_rank1, [], None),
     "nan_stop": (f"NaN loss on rank 1 at step {FAULT_STEP + 1}, on_nonfinite=stop",
                  env_fault(f"nan_loss@{FAULT_STEP + 1}:1"), [], f"nan_loss@{FAULT_STEP + 1}:1"),
+    "error_rank": (f"an exception on rank 1 at step {FAULT_STEP + 1} (a bug)", env_fault(f"error@{FAULT_STEP + 1}:1"),
+                   [], f"error@{FAULT_STEP + 1}:1"),
     "nan_skip": (f"NaN loss on rank 1 at step {FAULT_STEP + 1}, on_nonfinite=skip", None,
                  ["train.on_nonfinite=skip", f"train.max_steps={FAULT_STEP + 3}"], f"nan_loss@{FAULT_STEP + 1}:1"),
 }

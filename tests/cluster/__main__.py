@@ -1,4 +1,4 @@
-"""Bring the test cluster up by hand: ``sudo .venv/bin/python -m tests.cluster up [--no-slurm] [--dir DIR]``.
+"""Bring the test cluster up by hand: ``.venv/bin/python -m tests.cluster up [--no-slurm] [--dir DIR]`` (as root).
 
 Prints how to enter each host, then waits; Ctrl-C (or SIGTERM) stops every process it started and the hosts.
 """

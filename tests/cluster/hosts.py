@@ -58,6 +58,10 @@ class Host:
     addr: str
     holder: subprocess.Popen  # the process whose namespaces are this host's; every process of the host joins them
     etc: Path  # this host's own /etc/hosts lives here
+    netns: str = ""  # the network namespace's identity, kept: its processes are found even if the holder is gone
+
+    def __post_init__(self) -> None:
+        self.netns = self.netns or _netns(self.holder.pid)
 
     @property
     def pid(self) -> int:
@@ -78,6 +82,8 @@ class Host:
         return proc
 
     def popen(self, argv: list[str], cwd=None, **kw) -> subprocess.Popen:
+        """In a session of its own unless told otherwise: a Ctrl-C meant for the caller does not reach it."""
+        kw.setdefault("start_new_session", True)
         return subprocess.Popen(self.cmd(argv, cwd), **kw)
 
     def write_hosts(self, lines: dict[str, str]) -> None:
@@ -89,15 +95,14 @@ class Host:
 
     def processes(self) -> list[psutil.Process]:
         """Every process in this host's network namespace, the holder last."""
-        want = _netns(self.pid)
         found = []
         for p in psutil.process_iter():
             try:
-                if p.pid != self.pid and _netns(p.pid) == want:
+                if p.pid != self.pid and _netns(p.pid) == self.netns:
                     found.append(p)
             except (OSError, psutil.Error):
                 continue
-        return found + [psutil.Process(self.pid)]
+        return found + ([psutil.Process(self.pid)] if self.holder.poll() is None else [])
 
 
 @dataclass
@@ -171,7 +176,8 @@ class Hosts:
                       f"; mount --bind {self.ssh_dir / 'ssh_config'} /etc/ssh/ssh_config")
         script = f"set -e; {setup}; echo ok > {ready}; exec sleep infinity"
         return subprocess.Popen(["unshare", "--net", "--uts", "--mount", "--propagation", "private", "sh", "-c",
-                                 script], stdout=subprocess.DEVNULL, stderr=open(self.work / f"{name}.log", "w"))
+                                 script], stdout=subprocess.DEVNULL, stderr=open(self.work / f"{name}.log", "w"),
+                                start_new_session=True)
 
     def _wait_ready(self, holder: subprocess.Popen, name: str) -> None:
         deadline = time.monotonic() + 30
@@ -222,7 +228,8 @@ class Hosts:
         for p in self._sshd:
             p.wait()
         if self._switch is not None:
-            stop_processes([psutil.Process(self._switch.pid)])
+            if self._switch.poll() is None:
+                stop_processes([psutil.Process(self._switch.pid)])
             self._switch.wait()
         for host in self.hosts.values():
             host.holder.wait()

@@ -204,6 +204,7 @@ class SlurmCluster:
         except (OSError, subprocess.SubprocessError, HostsUnavailable):
             pass
         for proc in reversed(self.daemons):
-            stop_processes([psutil.Process(proc.pid)] if proc.poll() is None else [])
+            if proc.poll() is None:
+                stop_processes([psutil.Process(proc.pid)])
             proc.wait()
         self.daemons = []
