@@ -94,8 +94,8 @@ def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, share
 @pytest.mark.parametrize("fault, failing", [("error@4:1", 1), ("error@4:0", 0), ("error@0:1", 1)])
 def test_an_error_on_one_rank_ends_the_other_within_seconds(tmp_path, shared_data, fault, failing):
     """An ordinary exception (not a kill) on one rank, in training or at start-up: its line names it, and the
-    other rank ends within seconds, not at the 10-minute collective timeout. When rank 0 fails, the launcher
-    does not end rank 1 (it ends a node's ranks only after the first exits): rank 1's watchdog does, naming it."""
+    other rank ends within seconds, not at the 10-minute collective timeout. When rank 0 fails, rank 1's watchdog
+    ends it with a line naming rank 0 (rank 0, which hosts the store, stays until rank 1 has read why)."""
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *TINY, "train.max_steps=100000",
