@@ -125,7 +125,7 @@ def ptb_slice(tmp_path_factory):
 # long file alone at the end. Any file not named keeps its alphabetical place after them.
 LONGEST_FIRST = ["test_slurm.py", "test_ssh_hosts.py", "test_faults.py", "test_exact_resume.py", "test_bad_input.py", "test_nt_asgd.py",
                  "test_awd_asgd_e2e.py", "test_elastic.py", "test_imagenet_e2e.py", "test_sweep.py",
-                 "test_awd_ptb_e2e.py", "test_checkpoint_integrity.py", "test_zero.py", "test_two_nodes.py"]
+                 "test_awd_ptb_e2e.py", "test_checkpoint_integrity.py", "test_two_nodes.py"]
 
 
 def pytest_collection_modifyitems(items):

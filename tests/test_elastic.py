@@ -1,5 +1,6 @@
 """Elastic resume: a checkpoint written on 2 ranks continues on 1 and one written on 1 continues on 2, under ZeRO
-stages 0, 1 and 2, with the global batch unchanged.
+stages 0, 1 and 2, with the global batch unchanged; the stages train the same model, and a ZeRO-2 checkpoint also
+continues on the world size that wrote it.
 
 Every dropout is off, so training is deterministic and a resumed run must log the same per-step losses as the run
 it was cut from, up to the reduction order of another world size (rel 1e-5). That holds only if the weights, the
@@ -11,6 +12,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import check, launch
 
@@ -52,6 +54,11 @@ def cut(run_dir, dest, step):
     return dest
 
 
+def resume_leg(run_dir, stop, ranks):
+    return check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set", f"train.max_steps={stop}"],
+                        ranks=ranks))
+
+
 def elastic_runs(tmp, args, stage):
     """The reference run (1 rank) and the elastic chain 1 -> 2 -> 1 ranks cut from it: (reference, chain dir,
     {(old, new): output of the leg that resumed old ranks' checkpoint on new ranks})."""
@@ -60,8 +67,7 @@ def elastic_runs(tmp, args, stage):
     cut(ref, chain, 2)
     legs = {}
     for old, new, stop in ((1, 2, 4), (2, 1, 6)):
-        legs[old, new] = check(launch("train.py", ["--run-dir", str(chain), "--resume", "--set",
-                                                   f"train.max_steps={stop}"], ranks=new))
+        legs[old, new] = resume_leg(chain, stop, new)
     return ref, chain, legs
 
 
@@ -82,10 +88,22 @@ def assert_continues(runs, old, new, extra=()):
     assert not (chain / "checkpoints" / f"step_{stop:08d}" / f"rank_{new:05d}.pt").is_file()
 
 
+@pytest.fixture(scope="module")
+def awd_stages(tmp_path_factory, ptb_slice):
+    """The AWD-LSTM chain under each ZeRO stage, built when a test first asks for that stage."""
+    built = {}
+
+    def get(stage):
+        if stage not in built:
+            built[stage] = elastic_runs(tmp_path_factory.mktemp(f"awd{stage}"), [*AWD, f"data.root={ptb_slice}"],
+                                        stage)
+        return built[stage]
+    return get
+
+
 @pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"zero{s}")
-def awd(request, tmp_path_factory, ptb_slice):
-    return elastic_runs(tmp_path_factory.mktemp(f"awd{request.param}"), [*AWD, f"data.root={ptb_slice}"],
-                        request.param)
+def awd(request, awd_stages):
+    return awd_stages(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +123,32 @@ def test_awd_lstm_resumes_on_another_world_size(awd, old, new):
 @pytest.mark.parametrize("old,new", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_vit_resumes_on_another_world_size(vit, old, new):
     assert_continues(vit, old, new)
+
+
+def test_zero_stages_train_the_same_model_with_every_rank_in_step(awd_stages):
+    """Stages 1 and 2 partition the optimizer (and gradients) over the ranks: the model they train is stage 0's,
+    every rank holds the same weights, and each rank writes its own optimizer partition."""
+    base = records(awd_stages(0)[0])
+    for stage in (0, 1, 2):
+        ref, chain, _ = awd_stages(stage)
+        got = records(ref)
+        assert sorted(got) == sorted(base)
+        for key in base:
+            assert got[key]["loss"] == pytest.approx(base[key]["loss"], rel=1e-4), (stage, key)
+        tag = chain / "checkpoints" / "step_00000004"  # written by the 2-rank leg
+        digests = {torch.load(tag / f"rank_{r:05d}.pt", weights_only=False)["param_digest"] for r in (0, 1)}
+        assert len(digests) == 1, stage
+        partitions = sorted(p.name.split("_mp_rank")[0] for p in tag.glob("*optim_states.pt"))
+        assert partitions == (["zero_pp_rank_0", "zero_pp_rank_1"] if stage else []), (stage, partitions)
+
+
+def test_zero2_checkpoint_resumes_on_the_world_size_that_wrote_it(awd_stages, tmp_path):
+    """DeepSpeed's own load of its per-rank partitions (no re-cut): the 2-rank leg's step-4 checkpoint, resumed on
+    2 ranks, logs what the reference logged for steps 5 and 6."""
+    ref, chain, _ = awd_stages(2)
+    again = cut(chain, tmp_path / "again", 4)
+    out = resume_leg(again, 6, 2)
+    assert "resumed from step_00000004 at step 4" in out and "continues on" not in out
+    want, got = records(ref), records(again)
+    for key in (("train", 5), ("train", 6), ("valid", 6)):
+        assert got[key]["loss"] == pytest.approx(want[key]["loss"], rel=1e-5), key

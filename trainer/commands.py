@@ -1,11 +1,14 @@
-"""What ``launch/train.py`` and ``launch/evaluate.py`` do once their arguments are parsed."""
+"""What ``launch/train.py`` and ``launch/evaluate.py`` do once their arguments are parsed.
+
+Arguments and config are checked before torch and DeepSpeed are imported (seconds per process), so a mistake
+there is a one-line error at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from .checkpoint import check_signature, load_weights, read_client_state, resolve_tag
 from .cli import require
 from .config import read_yaml, to_yaml
 from .errors import ConfigError
@@ -84,6 +87,8 @@ def evaluate(args: argparse.Namespace) -> int:
     mode = "pointer" if args.pointer else "standard"
     split = args.split or spec.factory.report_split
     require(mode in spec.factory.eval_modes, f"recipe {spec.name} has no {mode} evaluation; drop --{mode}")
+    from .checkpoint import check_signature, load_weights, read_client_state, resolve_tag
+
     tag = resolve_tag(run.checkpoints, args.checkpoint)
     saved = read_client_state(run.checkpoints, tag)
 

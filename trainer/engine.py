@@ -321,11 +321,11 @@ class Trainer:
 
     def fit(self) -> LoopState:
         """Train to the end, or to a preemption checkpoint. (A failure, this rank's or a peer's, ends the job
-        through ``trainer.cli.guarded`` and the watchdog.)"""
-        try:
-            return self._fit()
-        finally:
-            self.preemption.close()
+        through ``trainer.cli.guarded`` and the watchdog; the signal handlers stay until then, so a launcher's
+        SIGTERM that follows a peer's death cannot end this rank before it has said what happened.)"""
+        state = self._fit()
+        self.preemption.close()
+        return state
 
     def _fit(self) -> LoopState:
         cfg, s = self.cfg.train, self.state

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .distributed import DistContext, broadcast_object
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by a run's ranks, not by the argument and config checks before them
+    from .distributed import DistContext
 
 
 class RunDir:
@@ -63,5 +66,7 @@ def resolve_run_dir(arg: str | None, recipe: str, resume: bool, ctx: DistContext
                 f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir"
             )
         return run
+    from .distributed import broadcast_object
+
     name = broadcast_object(f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None, ctx)
     return RunDir(name)

@@ -9,6 +9,7 @@ only; every daemon is started here and stopped by its pid, jobs first.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -183,6 +184,16 @@ class SlurmCluster:
         text = self.run(["scontrol", "show", "job", job]).stdout
         m = re.search(rf"\b{name}=(\S*)", text)
         return m.group(1) if m else ""
+
+    @contextlib.contextmanager
+    def held(self, partition: str = "debug"):
+        """Jobs submitted meanwhile stay queued (a DOWN partition takes jobs but starts none), so a test sees them
+        queued however fast they would have run; they start when it ends."""
+        self.run(["scontrol", "update", f"PartitionName={partition}", "State=DOWN"])
+        try:
+            yield
+        finally:
+            self.run(["scontrol", "update", f"PartitionName={partition}", "State=UP"], check=False)
 
     def wait_for_state(self, job: str, states: set[str], timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -64,14 +64,15 @@ def test_slurm_sweep_runs_each_point_as_a_two_node_job(hosts, slurm, images, tmp
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     root = tmp_path / "sweep"
 
-    out = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log")
-    assert out.count("  job ") == 2, out
-    submitted = recorded_jobs(root)
-    again = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "again.log")
-    assert again.count("is still queued or running") == 2 and "  job " not in again, again
-    assert recorded_jobs(root) == submitted and len(slurm.jobs()) == 2  # nothing submitted twice
-    states = status_lines(hosts, path, tmp_path / "status1.log")
-    assert {line.split()[1] for line in states.values()} <= {"queued", "running"}, states
+    with slurm.held():
+        out = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log")
+        assert out.count("  job ") == 2, out
+        submitted = recorded_jobs(root)
+        again = sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "again.log")
+        assert again.count("is still queued or running") == 2 and "  job " not in again, again
+        assert recorded_jobs(root) == submitted and len(slurm.jobs()) == 2  # nothing submitted twice
+        states = status_lines(hosts, path, tmp_path / "status1.log")
+        assert [line.split()[1] for line in states.values()] == ["queued", "queued"], states
 
     for job in submitted.values():
         assert slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
@@ -106,7 +107,7 @@ def wait_for_steps(run, step: int, timeout: float) -> None:
 
 def test_scontrol_requeue_checkpoints_an_agreed_step_and_resumes_bit_for_bit(hosts, slurm, tmp_path,
                                                                              shared_data):
-    path, run = awd_point(tmp_path, max_steps=300)
+    path, run = awd_point(tmp_path, max_steps=100)
     sweep_on_node1(hosts, path, "--backend", "slurm", log=tmp_path / "submit.log")
     (job,) = recorded_jobs(tmp_path / "sweep").values()
     wait_for_steps(run, 20, timeout=300)

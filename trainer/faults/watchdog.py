@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -88,6 +89,7 @@ class PeerWatchdog:
         self._stop = threading.Event()
         self._closing = threading.Event()  # this rank is ending on its own: a peer's failure is not news to it
         self._ending = threading.Lock()  # held by whichever thread ends the process
+        self._previous_sigterm = None  # the handler _take_sigterm replaced
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self._where = f"{host}:{port}"
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=max(10.0, 5 * self.interval)),
@@ -112,7 +114,28 @@ class PeerWatchdog:
         global _ACTIVE
         _ACTIVE = cls(ctx, timeout_s)
         atexit.register(_close_at_exit)
+        _ACTIVE._take_sigterm()
         return _ACTIVE
+
+    def _take_sigterm(self) -> None:
+        """The DeepSpeed launcher SIGTERMs the other ranks as soon as it sees one exit. Where nothing else handles
+        the signal (start-up, the end of a failed run), its default would end this rank without a word about
+        the rank that failed or died: look first, and end naming the cause when there is one. (A handler already
+        set, as a Slurm job's, is left alone; training's own handler takes over while it trains.)"""
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, _frame) -> None:
+        try:
+            outcome = self._outcome()
+        except Exception:  # noqa: BLE001 - the store is gone: nothing more to learn
+            outcome = None
+        if outcome is not None:
+            kind, what = outcome
+            self._end(what) if kind == "lost" else self._end_for_failure(what, grace=False)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # nobody failed: the signal means what it says
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -141,13 +164,25 @@ class PeerWatchdog:
                 self._end(f"{who} (the rendezvous store at {self._where} has not answered for {silent:.0f} s)")
 
     def _check(self) -> tuple[str, object] | None:
+        outcome = self._outcome()
+        if outcome is not None:
+            return outcome
+        self.store.add(f"hb/{self.ctx.rank}", 1)
+        found = self._stale_heartbeat() if self.ctx.rank == 0 else None
+        if found:
+            self.store.set("lost", found)
+            return "lost", found
+        return None
+
+    def _outcome(self) -> tuple[str, object] | None:
+        """What is already known to have ended the job: a verdict, another rank's failure (unless this rank is
+        ending on its own), a dead rank on this node."""
         if self.store.check(["lost"]):
             return "lost", self.store.get("lost").decode()
         failure = self._failure()
         if failure is not None and failure["rank"] != self.ctx.rank and not self._closing.is_set():
             return "failed", failure
-        self.store.add(f"hb/{self.ctx.rank}", 1)
-        found = self._dead_local_peer() or (self._stale_heartbeat() if self.ctx.rank == 0 else None)
+        found = self._dead_local_peer()
         if found:
             self.store.set("lost", found)
             return "lost", found
@@ -202,10 +237,10 @@ class PeerWatchdog:
         words = lost.split()
         self._finish(f"lost {lost}", int(words[1]) if words[0] == "rank" else None, EXIT_LOST_RANK)
 
-    def _end_for_failure(self, failure: dict) -> None:
+    def _end_for_failure(self, failure: dict, grace: bool = True) -> None:
         """Another rank stopped on an error: give this rank's main thread a moment to reach the same error (a
         config or data error every rank shares is said once, by the rank that got there first), then end."""
-        if self._closing.wait(self.grace):
+        if grace and self._closing.wait(self.grace):
             return
         self.verdict = f"rank {failure['rank']} failed"
         said = re.sub(r"^error: (\[rank \d+\] )?", "", failure["line"])
@@ -225,11 +260,31 @@ class PeerWatchdog:
     def await_verdict(self, exc: BaseException) -> None:
         """After an unexpected error: when it looks like a peer vanished mid-collective, give the thread time to
         name the lost rank, or the peer's own error (it then ends the process as it ends the others). Returns
-        otherwise, and the caller reports its own error."""
-        wait = self.timeout + 3 * self.interval if looks_like_lost_peer(exc) else 2 * self.interval + self.grace
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and self._thread.is_alive():
-            time.sleep(self.interval / 4)
+        otherwise, and the caller reports its own error.
+
+        A launcher's SIGTERM (the DeepSpeed launcher sends one to the survivors of a rank it saw die, and kills
+        them 30 s later) shortens the wait to what a check of this node's ranks needs, whether it came during
+        training (the loop's handler recorded it) or comes now: a default SIGTERM here would end the process
+        without a word."""
+        from .preemption import last_signal
+
+        short = 2 * self.interval + self.grace
+        long = looks_like_lost_peer(exc) and last_signal() is None
+        deadline = time.monotonic() + (self.timeout + 3 * self.interval if long else short)
+
+        def hurry(_signum, _frame) -> None:
+            nonlocal deadline
+            deadline = min(deadline, time.monotonic() + short)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while time.monotonic() < deadline and self._thread.is_alive():
+                time.sleep(self.interval / 4)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def close(self, ok: bool = True) -> None:
         """Mark this rank done (its exit is not a loss) and end the thread; rank 0 first lets the others read
@@ -241,6 +296,9 @@ class PeerWatchdog:
             self._linger()
         self._stop.set()
         self._thread.join(timeout=5 * self.interval + 10)
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         if _ACTIVE is self:
             _ACTIVE = None
 

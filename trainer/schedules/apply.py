@@ -19,9 +19,9 @@ and dropout hidden in plain Python floats under other names.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
-from timm.layers import DropPath
 from torch import nn
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -46,9 +46,17 @@ def _check_rate(rate: float) -> float:
     return rate
 
 
+def _drop_path_types() -> tuple[type, ...]:
+    """timm's ``DropPath`` only once timm is loaded (no model can hold one before): the language-model recipes,
+    which use these functions for their own dropouts, never pay timm's import (seconds per process)."""
+    layers = sys.modules.get("timm.layers")
+    return (nn.Identity, layers.DropPath) if layers is not None else (nn.Identity,)
+
+
 def _drop_path_slots(module: nn.Module) -> list[str]:
+    kinds = _drop_path_types()
     return [name for name, child in module.named_children()
-            if name.startswith("drop_path") and isinstance(child, (DropPath, nn.Identity))]
+            if name.startswith("drop_path") and isinstance(child, kinds)]
 
 
 def _drop_path_blocks(model: nn.Module) -> list[nn.Module]:
@@ -79,6 +87,8 @@ def prepare_drop_path(model: nn.Module) -> int:
         for module in block.modules():
             for name in _drop_path_slots(module):
                 if isinstance(getattr(module, name), nn.Identity):
+                    from timm.layers import DropPath
+
                     setattr(module, name, DropPath(0.0))
     return len(blocks)
 
