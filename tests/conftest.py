@@ -120,12 +120,14 @@ def ptb_slice(tmp_path_factory):
     return root
 
 
-# The test files that run longest (many multi-process runs), longest first: with `pytest -n 2 --dist loadfile`
-# files are handed to the workers in collection order, so starting with these keeps one worker from finishing a
-# long file alone at the end. Any file not named keeps its alphabetical place after them.
-LONGEST_FIRST = ["test_slurm.py", "test_ssh_hosts.py", "test_faults.py", "test_exact_resume.py", "test_bad_input.py", "test_nt_asgd.py",
-                 "test_awd_asgd_e2e.py", "test_elastic.py", "test_imagenet_e2e.py", "test_sweep.py",
-                 "test_awd_ptb_e2e.py", "test_checkpoint_integrity.py", "test_two_nodes.py"]
+# The test files that run longest (many multi-process runs), longest first (as measured with `--durations=0`
+# under the README's command): with `pytest -n 3 --dist loadfile` files are handed to the workers in collection
+# order, so starting with these keeps one worker from finishing a long file alone at the end. Any file not named
+# keeps its alphabetical place after them.
+LONGEST_FIRST = ["test_awd_asgd_e2e.py", "test_elastic.py", "test_bad_input.py", "test_slurm.py", "test_ssh_hosts.py",
+                 "test_awd_ptb_e2e.py", "test_exact_resume.py", "test_imagenet_e2e.py", "test_faults.py",
+                 "test_sweep.py", "test_checkpoint_integrity.py", "test_nt_asgd.py", "test_two_nodes.py",
+                 "test_awd_early_dropout.py"]
 
 
 def pytest_collection_modifyitems(items):

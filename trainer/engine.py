@@ -20,7 +20,7 @@ from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
 from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
-from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, watchdog
+from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption, watchdog
 from .monitor import Monitor
 from .optim import build_averager
 from .recipe import BatchPlan, Recipe
@@ -273,7 +273,7 @@ class Trainer:
             finite &= torch.isfinite(loss.detach()).all()
             engine.backward(loss)
             if k == last:  # after every backward, before DeepSpeed applies the update
-                verdict = agree_on_step(self.ctx, self.preemption.requested, finite)
+                verdict = agree_on_step(self.ctx, self.preemption.received, finite)
                 self.gate.closed = verdict.nonfinite_rank is not None
             engine.step()
             for name, v in out.metrics.items():
@@ -353,7 +353,8 @@ class Trainer:
                 if window:  # throughput counts training time only
                     window["_t0"] += time.perf_counter() - paused
                 if verdict.preempt:
-                    self.preempted = self.preemption.received or "a signal to another rank"
+                    self.preempted = verdict.signal
+                    preemption.record_agreed(verdict.signal)
                 if self._done():
                     break
             else:

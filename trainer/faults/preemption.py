@@ -16,14 +16,20 @@ import threading
 log = logging.getLogger("trainer")
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-_last: list[str] = []  # every signal this process was preempted by, in order
+_last: list[str] = []  # every signal that preempted this process's training, in order: its own, or the job's
 _early: list[str] = []  # signals that arrived after catch_early() and before training began
 
 
 def last_signal() -> str | None:
-    """The signal that last preempted this process's training (e.g. ``SIGUSR2``), if any: a Slurm job decides
-    from it whether to requeue itself."""
+    """The signal that last preempted this process's training (e.g. ``SIGUSR2``), if any: the job's, as the
+    ranks agreed on it, even when it reached another rank first. A Slurm job decides from it whether to
+    requeue itself."""
     return _last[-1] if _last else None
+
+
+def record_agreed(name: str) -> None:
+    """The signal the ranks agreed to stop for (see ``step_guard.agree_on_step``)."""
+    _last.append(name)
 
 
 def catch_early() -> None:
