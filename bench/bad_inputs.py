@@ -206,6 +206,12 @@ def _into_existing_run(scratch: Path, shared: Shared) -> Prepared:
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD], guard=[run])
 
 
+def _run_dir_is_a_file(scratch: Path, shared: Shared) -> Prepared:
+    f = scratch / "notes.txt"
+    f.write_text("not a run directory\n")
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(f), "--set", *TINY_AWD], guard=[f])
+
+
 def _evaluate_non_run(scratch: Path, shared: Shared) -> Prepared:
     d = scratch / "notes"
     d.mkdir()
@@ -285,6 +291,8 @@ CASES: list[Case] = [
          ("nothing to resume", "checkpoints/latest"), needs_shared=True),
     Case("new run into a run directory", "train.py", _into_existing_run,
          ("already holds a run", "--resume", "another --run-dir"), needs_shared=True),
+    Case("run directory is a file", "train.py", _run_dir_is_a_file,
+         ("notes.txt is a file, not a directory", "choose another --run-dir")),
     Case("evaluate a non-run directory", "evaluate.py", _evaluate_non_run,
          ("no config.yaml", "point --run-dir at a training run")),
     Case("malformed hostfile (sweep)", "sweep.py", _bad_hostfile,

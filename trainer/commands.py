@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from .cli import require
 from .config import read_yaml, to_yaml
@@ -50,6 +51,8 @@ def train(args: argparse.Namespace) -> int:
         args.recipe = saved
         layers = [RunDir(args.run_dir).config, *layers]
     require(bool(args.recipe), "name a recipe with --recipe NAME (see --list-recipes)")
+    require(not args.run_dir or not Path(args.run_dir).exists() or Path(args.run_dir).is_dir(),
+            f"--run-dir {args.run_dir} is a file, not a directory; choose another --run-dir")
     spec = get_recipe(args.recipe)
     cfg = spec.load_config(layers, args.overrides)
     if args.print_config:
