@@ -1,6 +1,8 @@
 import os
 import random
+import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +80,19 @@ def metric_value(text: str, name: str) -> float:
     m = re.search(rf"\b{name} ([0-9.eE+-]+)", text)
     assert m, f"no '{name} <value>' in output:\n{text[-2000:]}"
     return float(m.group(1))
+
+
+def cut(run_dir, dest, step):
+    """A copy of ``run_dir`` as it was right after its checkpoint at ``step``."""
+    shutil.copytree(run_dir, dest)
+    tag = f"step_{step:08d}"
+    for d in (dest / "checkpoints").iterdir():
+        if d.name.startswith("step_") and d.name > tag:
+            shutil.rmtree(d)
+    (dest / "checkpoints" / "latest").write_text(tag)
+    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dest
 
 
 IMAGE_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # one class per colour

@@ -17,6 +17,7 @@ from conftest import free_port
 from trainer.analysis import (AnalysisConfig, GradientAnalysis, average_over_ranks, capture_batches, flat_grad,
                               make_grad_fn, preserved_recipe_state)
 from trainer.distributed import DistContext
+from trainer.engine import plan_batch
 from trainer.errors import ConfigError
 from trainer.recipe import MicroResult, TrainStep
 
@@ -51,6 +52,7 @@ class TinyRecipe:
 
     def __init__(self, batches):
         self.batches = batches
+        self.plan = plan_batch(1, 1, 0)  # micro_loss reports no sizes: every micro-batch weighs the same
         self.order = np.random.Generator(np.random.PCG64(0))
         self.carried = 0
 

@@ -173,3 +173,51 @@ def test_model_learns_tiny_sequence():
         opt.step()
     after = eval_loss()
     assert after < before - 0.5, (before, after)
+
+
+def _split_forward(m, tok, masks, parts):
+    """Outputs, and the column-weighted loss gradient, of the batch run as ``parts`` column slices (each forward
+    followed by its backward, as training's micro-batches are: the masked weights live in reused buffers)."""
+    outs, grads = [], None
+    for cols in parts:
+        out = m(tok[:, cols], None, masks.columns(cols))
+        outs.append(out.output.detach())
+        loss = (cols.stop - cols.start) / tok.size(1) * m.decoder(out.output).square().mean()
+        g = torch.autograd.grad(loss, list(m.parameters()))
+        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+    return torch.cat(outs, dim=1), grads
+
+
+def test_masks_drawn_for_the_batch_make_any_column_split_the_whole_batch():
+    """What lets N ranks train as one: a batch cut into column slices, each with its columns of masks drawn once for
+    the whole batch, gives the whole batch's outputs and (column-weighted) gradient."""
+    m = _small(dropout=0.4, dropouth=0.3, dropouti=0.5, dropoute=0.2, wdrop=0.5)
+    m.train()
+    tok = _tokens(t=5, b=7)
+    gen = torch.Generator()
+    masks = m.draw_masks(7, gen.manual_seed(11))
+    assert masks.embedding.shape == (V, 1) and [x.shape for x in masks.layer_inputs] == [(1, 7, E), (1, 7, H),
+                                                                                          (1, 7, H)]
+    assert masks.output.shape == (1, 7, E) and all(w.shape == (4 * r.hidden_size, r.hidden_size)
+                                                   for w, r in zip(masks.weight_hh, m.rnns))
+    whole, whole_grads = _split_forward(m, tok, masks, [slice(0, 7)])
+    split, split_grads = _split_forward(m, tok, masks, [slice(0, 3), slice(3, 5), slice(5, 7)])
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-7)
+    for a, b in zip(split_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the masks are a function of the generator's seed alone, and they do drop
+    again = m.draw_masks(7, gen.manual_seed(11))
+    assert all(torch.equal(a, b) for a, b in zip(again.layer_inputs, masks.layer_inputs))
+    assert torch.equal(again.embedding, masks.embedding) and (masks.embedding == 0).any()
+    other = m.draw_masks(7, gen.manual_seed(12))
+    assert not torch.equal(other.layer_inputs[0], masks.layer_inputs[0])
+
+
+def test_masks_follow_the_rates_and_are_ignored_in_eval_mode():
+    m = _small(dropout=0.4, dropouth=0.0, dropouti=0.5, dropoute=0.0, wdrop=0.0)
+    masks = m.draw_masks(3, torch.Generator().manual_seed(0))
+    assert masks.embedding is None and masks.weight_hh == [None, None, None]
+    assert masks.layer_inputs[0] is not None and masks.layer_inputs[1:] == [None, None]
+    m.eval()
+    tok = _tokens()
+    torch.testing.assert_close(m(tok, None, masks).output, m(tok).output)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recipes.awd_lstm.corpus import (PTB, WIKITEXT2, BpttSampler, Corpus, Dictionary, batchify,
-                                     eval_columns, get_batch, rank_columns)
+                                     eval_columns, get_batch)
 from trainer.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -107,19 +107,6 @@ def test_batchify_layout():
     assert b[:, 3].tolist() == list(range(30, 40))  # column j is the j-th slice of the stream
     with pytest.raises(ValueError):
         batchify(torch.arange(5), 10)
-
-
-def test_rank_columns_split_the_global_batch():
-    full = batchify(torch.arange(1000), 20)
-    parts = [rank_columns(full, r, 2) for r in range(2)]
-    assert all(p.shape == (50, 10) and p.is_contiguous() for p in parts)
-    assert torch.equal(torch.cat(parts, dim=1), full)
-    assert not set(parts[0].flatten().tolist()) & set(parts[1].flatten().tolist())
-    # each rank owns whole contiguous stretches of the stream
-    assert parts[1][:, 0].tolist() == list(range(500, 550))
-    assert torch.equal(rank_columns(full, 0, 1), full)
-    with pytest.raises(ValueError):
-        rank_columns(batchify(torch.arange(100), 5), 0, 2)
 
 
 @pytest.mark.parametrize('ncols, world', [(10, 2), (1, 2), (3, 2), (10, 3), (2, 8), (0, 2), (7, 7)])

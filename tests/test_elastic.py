@@ -9,12 +9,11 @@ state (re-split by column) and the NT-ASGD average all came back: losing any one
 """
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import check, launch
+from conftest import check, cut, launch
 
 # A reference run on 1 rank checkpoints every 2 steps; a copy of it cut at step 2 resumes on 2 ranks up to step 4,
 # and that run's own checkpoint resumes on 1 rank up to step 6: both legs must log what the reference logged.
@@ -39,19 +38,6 @@ def records(run_dir):
     """The last record of each (split, step): what the run that wrote the directory last logged."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {(r["split"], r["step"]): r for r in rows}
-
-
-def cut(run_dir, dest, step):
-    """A copy of ``run_dir`` as it was right after its checkpoint at ``step``."""
-    shutil.copytree(run_dir, dest)
-    tag = f"step_{step:08d}"
-    for d in (dest / "checkpoints").iterdir():
-        if d.name.startswith("step_") and d.name > tag:
-            shutil.rmtree(d)
-    (dest / "checkpoints" / "latest").write_text(tag)
-    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dest
 
 
 def resume_leg(run_dir, stop, ranks):

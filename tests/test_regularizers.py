@@ -158,16 +158,31 @@ def test_dropconnect_mask_drops_at_the_rate_and_is_unbiased(dtype, rate):
     torch.manual_seed(0)
     w = torch.empty(700, 1001, dtype=dtype)  # odd size: the 16-bit draws do not fill the last 64-bit word
     mask = DropConnectMask().mask(w, rate)
-    assert mask.dtype == dtype and mask.shape == w.shape
     _, keep = quantized_keep(rate)
-    values = set(mask.unique().tolist())
-    assert values == {0.0, torch.tensor(1 / keep, dtype=dtype).item()}
+    scale32 = torch.tensor(1 / keep, dtype=torch.float32).item()
+    holds_scale = dtype.itemsize >= 4 or torch.tensor(1 / keep, dtype=dtype).item() == scale32
+    assert mask.dtype == (dtype if holds_scale else torch.float32) and mask.shape == w.shape
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / keep, dtype=mask.dtype).item()}
     n = w.numel()
     dropped = (mask == 0).sum().item() / n
     sigma = (rate * (1 - rate) / n) ** 0.5
     assert abs(dropped - rate) < 5 * sigma, (dropped, rate)
-    if dtype in (torch.float32, torch.float64):  # the scale is exact there: mean 1 up to sampling noise
-        assert abs(mask.double().mean().item() - 1) < 5 * sigma / keep
+    assert abs(mask.double().mean().item() - 1) < 5 * sigma / keep  # unbiased up to sampling noise
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3])
+def test_a_bf16_weight_is_scaled_exactly_and_rounded_once(rate):
+    torch.manual_seed(0)
+    w = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(1)
+    masked = DropConnectMask()(w, rate)
+    torch.manual_seed(1)
+    mask32 = DropConnectMask().mask(w.detach().float(), rate)
+    assert masked.dtype == torch.bfloat16
+    assert torch.equal(masked, (w.detach().float() * mask32).bfloat16())
+    upstream = torch.randn(64, 48, dtype=torch.bfloat16)
+    (masked * upstream).sum().backward()
+    assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, (upstream.float() * mask32).bfloat16())
 
 
 def test_dropconnect_mask_is_fresh_each_call_and_follows_the_torch_seed():
@@ -347,3 +362,36 @@ def test_ar_low_precision_accumulates_in_float32():
     x = torch.randn(5, 2, 3).to(torch.bfloat16)
     assert activation_regularization(x, 1.0).dtype == torch.float32
     assert temporal_activation_regularization(x, 1.0).dtype == torch.float32
+
+
+def test_the_flat_cudnn_buffer_gives_the_separate_weights_outputs_and_gradients():
+    """cuDNN's flat buffer cannot be built here; a sequential layout exercises the same write and its gradient."""
+    from trainer.regularizers.weight_drop import _CudnnWeights, _lstm
+
+    torch.manual_seed(0)
+    m = WeightDropLSTM(8, 6, weight_drop=0.5)
+    x, zeros = torch.randn(5, 3, 8), torch.zeros(1, 3, 6)
+    mask = m.draw_mask().clone()
+    want, _ = m(x, (zeros, zeros), mask=mask)
+    want_grads = torch.autograd.grad(want.square().sum(), list(m.parameters()))
+    ends = np.cumsum([0, 24 * 8, 24 * 6, 24, 24])
+    layout = [(int(a), s) for a, s in zip(ends, [(24, 8), (24, 6), (24,), (24,)])]
+    flat = _CudnnWeights(m.weight_ih, m.weight_hh, layout)
+    for _ in range(2):  # the buffer is rewritten each forward; the second must stand on its own
+        weights = flat.write([m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh], mask)
+        assert all(w.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for w in weights)
+        got = _lstm(x, (zeros, zeros), weights, True, 1, 0.0, True, False, False)[0]
+        assert torch.equal(got, want)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), list(m.parameters())), want_grads):
+            assert torch.equal(a, b)
+
+
+def test_the_kernel_keeps_what_backward_needs_in_eval_mode_with_gradients():
+    """cuDNN refuses an RNN backward after an inference-mode forward: eval mode with gradients (the gradient
+    analysis' dropout-free reference) must still run the kernel in training mode, dropping nothing."""
+    m = WeightDropLSTM(4, 3, weight_drop=0.5).eval()
+    assert m._kernel_training()
+    with torch.no_grad():
+        assert not m._kernel_training()
+    x = torch.randn(2, 1, 4)
+    torch.testing.assert_close(m(x)[0], m(x)[0])  # eval: no mask drawn, deterministic

@@ -34,6 +34,7 @@ from torch import nn
 from .config import AnalysisConfig
 from .distributed import DistContext
 from .errors import ConfigError
+from .precision import master_pieces, master_values, uses_masters
 from .rng import capture_rng, restore_rng, seed_everything
 
 GradFn = Callable[[Any, bool], torch.Tensor]
@@ -179,7 +180,7 @@ def make_grad_fn(recipe, engine, device: torch.device | str | None = None) -> Gr
     def grad_fn(micro: Any, train_mode: bool) -> torch.Tensor:  # the mode is already set by GradientAnalysis
         if device is not None:
             micro = to_device(micro, device)
-        return flat_grad(bare.module, recipe.micro_loss(bare, micro).loss)
+        return flat_grad(bare.module, recipe.plan.weighted_loss(recipe.micro_loss(bare, micro)))
 
     return grad_fn
 
@@ -199,9 +200,19 @@ class GradientAnalysis:
 
     @torch.no_grad()
     def distance_from_init(self) -> float:
+        """From the fp32 weights: under bf16 the masters (each rank sums over the ones it holds, then one
+        all-reduce), as the bf16 copies' rounding would dominate small distances."""
         params = trainable_parameters(self.model)
         if len(params) != len(self.initial):
             raise RuntimeError("the model's trainable parameters changed since the gradient analysis was built")
+        if uses_masters(params):
+            total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+            for i, a, b in master_pieces(params, self.ctx.rank):
+                p0 = self.initial[i].reshape(-1)[a:b].to(params[i].device, non_blocking=True)
+                total += torch.linalg.vector_norm(master_values(params[i], a, b) - p0, dtype=torch.float64) ** 2
+            if self.ctx.world > 1:
+                dist.all_reduce(total)
+            return float(total) ** 0.5
         total = 0.0
         for p, p0 in zip(params, self.initial):
             diff = p.detach().float() - p0.to(p.device, non_blocking=True)
@@ -209,7 +220,8 @@ class GradientAnalysis:
         return total ** 0.5
 
     def minibatch_grad(self, grad_fn: GradFn, micro_batches: list[Any], train_mode: bool) -> torch.Tensor:
-        """Mean over micro-batches (DeepSpeed's accumulation scaling), then over ranks: the global gradient."""
+        """Mean over micro-batches (DeepSpeed's accumulation scaling), then over ranks: the global gradient (uneven
+        micro-batches come weighted by their sizes from ``grad_fn``, as in training)."""
         total = None
         for micro in micro_batches:
             g = grad_fn(micro, train_mode)

@@ -33,7 +33,9 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1, description="step checkpoints kept besides 'best'")
     log_every: int = Field(50, ge=1)
     micro_batch_size: int = Field(0, ge=0, description="per-rank micro-batch; 0 = the whole per-rank batch")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
+        "auto", description="fp32 (IEEE, TF32 off), tf32, bf16 (DeepSpeed bf16, fp32 masters); auto: the recipe's "
+        "default on a bf16-capable GPU, else fp32 (trainer/precision.py)")
     zero_stage: int = Field(0, ge=0, le=2)
     test_at_end: bool = Field(True, description="evaluate the best checkpoint on the test split at the end")
     progress: bool = True

@@ -9,7 +9,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -23,7 +22,8 @@ from .evaluation import evaluate_split
 from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption, watchdog
 from .monitor import Monitor
 from .optim import build_averager
-from .recipe import BatchPlan, Recipe
+from .precision import apply_precision, deepspeed_precision, initialize as initialize_precise
+from .recipe import BatchPlan, Recipe, even_shares
 from .registry import RecipeSpec
 from .rng import seed_everything
 from .rundir import RunDir
@@ -35,42 +35,71 @@ class TrainingError(UserError):
     pass
 
 
-def plan_batch(global_batch: int, world: int, micro: int) -> BatchPlan:
-    """Split the global batch over ranks and accumulation steps; it must divide exactly."""
-    if global_batch % world:
+def plan_batch(global_batch: int, world: int, micro: int, rank: int = 0, uneven: bool = False) -> BatchPlan:
+    """Split the global batch over ranks and accumulation steps (see ``BatchPlan``).
+
+    ``micro`` (``train.micro_batch_size``, 0 = a rank's whole share) bounds a micro-batch; the accumulation
+    count is what the largest share needs. A recipe that cannot train uneven shares gets exact division.
+    """
+    if global_batch < world:
+        raise ConfigError(f"data.batch_size={global_batch} is smaller than the {world} data-parallel ranks; "
+                          f"use a batch of at least {world} or fewer ranks")
+    if global_batch % world and not uneven:
         raise ConfigError(
             f"data.batch_size={global_batch} does not divide over {world} data-parallel ranks; "
             f"use a multiple of {world}"
         )
-    per_rank = global_batch // world
-    micro = micro or per_rank
-    if per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
-            f"(data.batch_size={global_batch} over {world} ranks); pick a divisor of {per_rank}"
-        )
-    return BatchPlan(global_batch, world, per_rank, micro, per_rank // micro)
+    shares = even_shares(global_batch, world)
+    largest = shares[0]
+    micro = micro or largest
+    if uneven:
+        accumulation = -(-largest // micro)
+        if shares[-1] < accumulation:
+            raise ConfigError(
+                f"train.micro_batch_size={micro} needs {accumulation} micro-batches per step, but a rank's share "
+                f"of data.batch_size={global_batch} over {world} ranks is only {shares[-1]}; raise "
+                "train.micro_batch_size or the batch")
+        micro = -(-largest // accumulation)
+    else:
+        if largest % micro:
+            raise ConfigError(
+                f"train.micro_batch_size={micro} does not divide the per-rank batch {largest} "
+                f"(data.batch_size={global_batch} over {world} ranks); pick a divisor of {largest}"
+            )
+        accumulation = largest // micro
+    return BatchPlan(global_batch, world, rank, shares, micro, accumulation)
 
 
 def resolve_precision(cfg: RecipeConfig, recipe_cls: type[Recipe], ctx: DistContext) -> str:
+    """``auto``: the recipe's ``default_precision`` on a bf16-capable GPU, fp32 elsewhere (trainer/precision.py
+    says what each mode is). bf16 also runs on CPU (slowly); a GPU without bf16 is refused in one line."""
     choice = cfg.train.precision
+    bf16_ok = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if choice == "auto":
-        bf16_ok = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return recipe_cls.default_precision if bf16_ok else "fp32"
+    if choice == "bf16" and ctx.device.type == "cuda" and not bf16_ok:
+        raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(ctx.device)} has no bf16; "
+                          "use train.precision=fp32 or auto")
     return choice
 
 
 def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str, run_dir: RunDir | None) -> dict:
     ds: dict[str, Any] = {
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed's batch arithmetic (train = micro x accumulation x world) only describes even splits;
+        # it only feeds its own logging, so an uneven plan gives it the largest micro-batch and no total.
+        **({"train_batch_size": plan.global_batch} if plan.even else {}),
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": cfg.optim.clip,
         "steps_per_print": 10**12,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step; the loop measures
+        # perf/<unit>_per_s itself, so it and the per-phase wall-clock timers stay off
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
+        "wall_clock_breakdown": False,
     }
+    ds = deep_merge(ds, deepspeed_precision(precision, cfg.train.zero_stage))
     if run_dir is not None:
         ds["tensorboard"] = {"enabled": True, "output_path": str(run_dir.path), "job_name": "tensorboard"}
     return deep_merge(ds, cfg.train.deepspeed)
@@ -98,8 +127,10 @@ class Trainer:
         if spec.requires_init and not resume and not cfg.train.init_from:
             raise ConfigError(f"recipe {spec.name} continues a trained run: pass --set train.init_from=RUN_DIR "
                               f"(its '{cfg.train.init_checkpoint}' checkpoint is loaded)")
-        self.plan = plan_batch(cfg.data.batch_size, ctx.world, cfg.train.micro_batch_size)
+        self.plan = plan_batch(cfg.data.batch_size, ctx.world, cfg.train.micro_batch_size, ctx.rank,
+                               spec.factory.uneven_batches)
         self.precision = resolve_precision(cfg, spec.factory, ctx)
+        apply_precision(self.precision)
         self.recipe: Recipe = spec.factory(cfg, ctx, self.plan)
         self.state = LoopState()
 
@@ -107,9 +138,9 @@ class Trainer:
         resume_tag = agree_on_resume_tag(run_dir.checkpoints, ctx) if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
-        init_tag = None
+        self.init_tag = init_tag = None
         if cfg.train.init_from and not resume_tag:  # likewise, a refused source creates no run directory
-            init_tag = self._check_init_source(cfg.train.init_from, cfg.train.init_checkpoint)
+            self.init_tag = init_tag = self._check_init_source(cfg.train.init_from, cfg.train.init_checkpoint)
         if ctx.is_main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
             run_dir.config.write_text(to_yaml(cfg))
@@ -126,7 +157,7 @@ class Trainer:
         optimizer = self.recipe.build_optimizer(model)
         self.gate = StepGate(optimizer)  # DeepSpeed's wrappers and the scheduler's step tracking call through it
         self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
-        self.engine, _, _, _ = deepspeed.initialize(
+        self.engine, _, _, _ = initialize_precise(
             model=model,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
@@ -187,7 +218,8 @@ class Trainer:
         """Evaluate and keep 'best' with the averaged weights once averaging runs."""
         return self.averager.swapped() if self.averager is not None else nullcontext()
 
-    def _validate(self) -> None:
+    def _validate(self, observe: bool = True) -> None:
+        """Validate, keep 'best' and (``observe``) let the averager's non-monotone rule see the score."""
         s = self.state
         s.last_eval_step = s.step
         with self._averaged():
@@ -198,7 +230,7 @@ class Trainer:
                 s.best = score
                 self.save(BEST)
         extra = {}
-        if self.averager is not None:
+        if self.averager is not None and observe:
             event = self.averager.observe(metrics["loss"], s.step)
             if event == "start":
                 extra["asgd_start_step"] = self.averager.start_step
@@ -238,7 +270,7 @@ class Trainer:
     def _log_train(self, window: dict, lr: float) -> None:
         elapsed = max(time.perf_counter() - window.pop("_t0"), 1e-9)
         sums = all_reduce_sums({k: float(v) for k, v in window.items()}, self.ctx)
-        n = sums.pop("_micro")
+        n = sums.pop("_weight")
         units = sums.pop("_units")
         metrics = self.recipe.train_metrics({k: v / n for k, v in sums.items()}) if n else {}
         rate = {f"{self.recipe.unit}_per_s": units / elapsed}
@@ -265,19 +297,23 @@ class Trainer:
             self.faults.signal_self(s.step + 1)
             self.faults.raise_error(s.step + 1)
         finite = torch.ones((), dtype=torch.bool, device=self.ctx.device)
-        step_metrics: dict = {}
+        step_metrics: dict = {}  # per-micro means, weighted by their sizes
+        step_weight = 0.0
         last = len(ts.micro_batches) - 1
         for k, micro in enumerate(ts.micro_batches):
             out = recipe.micro_loss(engine, micro)
-            loss = self.faults.corrupt_loss(out.loss, s.step + 1) if self.faults else out.loss
+            loss = self.plan.weighted_loss(out)
+            loss = self.faults.corrupt_loss(loss, s.step + 1) if self.faults else loss
             finite &= torch.isfinite(loss.detach()).all()
+            weight = 1.0 if out.size is None else float(out.size)
             engine.backward(loss)
             if k == last:  # after every backward, before DeepSpeed applies the update
                 verdict = agree_on_step(self.ctx, self.preemption.received, finite)
                 self.gate.closed = verdict.nonfinite_rank is not None
             engine.step()
             for name, v in out.metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + v.detach().float()
+                step_metrics[name] = step_metrics.get(name, 0.0) + v.detach().float() * weight
+            step_weight += weight
         self.gate.closed = False
         window["_units"] += ts.units
         s.step += 1
@@ -289,7 +325,7 @@ class Trainer:
             s.consecutive_skips = 0
             for name, v in step_metrics.items():
                 window[name] = window.get(name, 0.0) + v
-            window["_micro"] += len(ts.micro_batches)
+            window["_weight"] += step_weight
             if self.averager is not None:
                 self.averager.after_step(s.step)
         return lr, verdict
@@ -329,6 +365,8 @@ class Trainer:
 
     def _fit(self) -> LoopState:
         cfg, s = self.cfg.train, self.state
+        if self.init_tag and s.step == 0 and s.best is None:
+            self._validate(observe=False)  # as the reference's finetune.py: the loaded weights are the best so far
         self.engine.module.train()
         window: dict = {}
         self._bar = None
@@ -336,7 +374,7 @@ class Trainer:
         while not self._done() and s.epoch < cfg.epochs:
             self._open_bar()
             for ts in self.recipe.train_steps(s.epoch, s.position):
-                window = window or {"_t0": time.perf_counter(), "_micro": 0.0, "_units": 0.0}
+                window = window or {"_t0": time.perf_counter(), "_weight": 0.0, "_units": 0.0}
                 lr, verdict = self._step(ts, window)
                 if self._bar is not None:
                     self._bar.update(1)
@@ -366,7 +404,7 @@ class Trainer:
                 if not cfg.checkpoint_every:
                     self.save()
             self._close_bar()
-        if window and window.get("_micro"):
+        if window and window.get("_weight"):
             self._log_train(window, lr)
         if self.preempted is not None:
             return self._checkpoint_and_leave()

@@ -19,15 +19,67 @@ from .config import RecipeConfig
 from .distributed import DistContext
 
 
-@dataclass
+def even_shares(total: int, parts: int) -> tuple[int, ...]:
+    """``total`` split into ``parts`` sizes that differ by at most one, the larger first."""
+    base, extra = divmod(total, parts)
+    return tuple(base + (i < extra) for i in range(parts))
+
+
+@dataclass(frozen=True)
 class BatchPlan:
-    """How the global batch is split: ``global_batch = micro * accumulation * world``."""
+    """How the global batch is split over ranks and accumulation steps.
+
+    ``shares[r]`` is rank ``r``'s part of the global batch; shares differ by at most one (the first
+    ``global_batch % world`` ranks take one more) where the recipe allows uneven splits, so any world
+    size trains the same global batch. Each rank cuts its share into ``accumulation`` contiguous
+    micro-batches as evenly as possible, the largest ``micro`` long. A micro-batch's loss is weighted
+    by its size (``loss_weight``) so the all-reduced gradient is exactly the global batch's.
+    """
 
     global_batch: int
     world: int
-    per_rank: int
+    rank: int
+    shares: tuple[int, ...]
     micro: int
     accumulation: int
+
+    @property
+    def per_rank(self) -> int:
+        """This rank's share of the global batch."""
+        return self.shares[self.rank]
+
+    @property
+    def offset(self) -> int:
+        """This rank's first column (sample) of the global batch."""
+        return sum(self.shares[:self.rank])
+
+    @property
+    def even(self) -> bool:
+        """Every micro-batch of every rank has ``micro`` samples (the only split DeepSpeed's own batch
+        arithmetic describes)."""
+        return self.micro * self.accumulation * self.world == self.global_batch
+
+    def micro_sizes(self, rank: int | None = None) -> tuple[int, ...]:
+        return even_shares(self.shares[self.rank if rank is None else rank], self.accumulation)
+
+    def micro_slices(self, rank: int | None = None) -> list[slice]:
+        """Each micro-batch's columns within the global batch, in order (for rank ``rank``, default this one)."""
+        rank = self.rank if rank is None else rank
+        start = sum(self.shares[:rank])
+        out = []
+        for size in self.micro_sizes(rank):
+            out.append(slice(start, start + size))
+            start += size
+        return out
+
+    def loss_weight(self, size: int) -> float:
+        """What a micro-batch's mean loss over ``size`` samples is multiplied by before backward, so DeepSpeed's
+        averaging (over ``accumulation`` steps, then over ``world`` ranks) yields the global batch's mean."""
+        return size * self.accumulation * self.world / self.global_batch
+
+    def weighted_loss(self, result: "MicroResult") -> torch.Tensor:
+        """What is back-propagated for ``result``: its loss, weighted by its size when it has one."""
+        return result.loss if result.size is None else result.loss * self.loss_weight(result.size)
 
 
 @dataclass
@@ -42,8 +94,9 @@ class TrainStep:
 
 @dataclass
 class MicroResult:
-    loss: torch.Tensor  # what is back-propagated
+    loss: torch.Tensor  # what is back-propagated: the mean over the micro-batch's samples
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # per-micro means, logged under train/
+    size: int | None = None  # samples the means are over: weights loss and metrics (None: every micro alike)
 
 
 class Recipe(ABC):
@@ -52,8 +105,9 @@ class Recipe(ABC):
     best_metric: ClassVar[str] = "loss"  # the validation metric that picks the 'best' checkpoint
     best_mode: ClassVar[str] = "min"  # "min": lower is better; "max": higher (accuracy)
     report_split: ClassVar[str] = "test"  # what launch/evaluate.py evaluates without --split
-    default_precision: ClassVar[str] = "bf16"  # what train.precision=auto means on a bf16-capable GPU
+    default_precision: ClassVar[str] = "fp32"  # what train.precision=auto means on a bf16-capable GPU
     eval_modes: ClassVar[tuple[str, ...]] = ("standard",)  # launch/evaluate.py --pointer asks for "pointer"
+    uneven_batches: ClassVar[bool] = False  # True: the recipe trains on BatchPlan shares that differ by rank
 
     def __init__(self, cfg: RecipeConfig, ctx: DistContext, plan: BatchPlan):
         self.cfg = cfg

@@ -50,6 +50,24 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(own, device)
 
 
+def mix_seeds(*parts: int) -> int:
+    """One 63-bit seed from several ints, so (seed, epoch) pairs cannot collide the way ``seed + epoch`` does."""
+    state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+class KeyedGenerator:
+    """A generator on ``device`` whose stream is a function of a key (e.g. the optimizer step), not of what was drawn
+    before: every rank draws the same numbers for the same key, and a resumed run needs no saved state for it."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed = seed
+        self._gen = torch.Generator(device=device)
+
+    def at(self, *key: int) -> torch.Generator:
+        return self._gen.manual_seed(mix_seeds(self.seed, *key))
+
+
 def seed_host_rng(seed: int) -> None:
     """Python's, numpy's and torch's CPU streams only; a GPU's (its dropout) is left alone."""
     random.seed(seed)

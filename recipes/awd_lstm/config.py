@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
 from trainer.schedules import DropTiming
@@ -65,7 +65,7 @@ class AWDDropConfig(DropTiming):
 
 
 class AWDTrainConfig(TrainConfig):
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "fp32"
 
 
 class AWDConfig(RecipeConfig):
@@ -76,3 +76,8 @@ class AWDConfig(RecipeConfig):
     optim: AWDOptimConfig
     pointer: PointerConfig = Field(default_factory=PointerConfig)
     drop: AWDDropConfig = Field(default_factory=AWDDropConfig)
+
+    @model_validator(mode="after")
+    def _check_drop(self) -> "AWDConfig":
+        self.drop.check_epochs(self.train.epochs)  # before any rank starts: a cutoff the run never reaches
+        return self

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from trainer.datasets import DatasetSpec, Source
 from trainer.errors import DataError
+from trainer.recipe import even_shares
 
 SPLITS = ('train', 'valid', 'test')
 EOS = '<eos>'
@@ -136,24 +137,13 @@ def batchify(data: Tensor, batch_size: int) -> Tensor:
     return data[:nbatch * batch_size].view(batch_size, -1).t().contiguous()
 
 
-def rank_columns(batched: Tensor, rank: int, world: int) -> Tensor:
-    """The block of columns one data-parallel rank trains on; together the ranks form the global batch."""
-    ncols = batched.size(1)
-    if not 0 <= rank < world:
-        raise ValueError(f'rank {rank} is outside world size {world}')
-    if ncols % world:
-        raise ValueError(f'batch size {ncols} does not divide over {world} data-parallel ranks')
-    per = ncols // world
-    return batched[:, rank * per:(rank + 1) * per].contiguous()
-
-
 def eval_columns(ncols: int, rank: int, world: int) -> range:
     """Columns rank evaluates; uneven (or empty) shares so small eval batches work on any world."""
     if not 0 <= rank < world:
         raise ValueError(f'rank {rank} is outside world size {world}')
-    base, extra = divmod(ncols, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+    shares = even_shares(ncols, world)
+    start = sum(shares[:rank])
+    return range(start, start + shares[rank])
 
 
 class BpttSampler:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,10 +13,29 @@ from trainer.regularizers import (
     WeightDropLSTM,
     activation_regularization,
     embedding_dropout,
+    embedding_mask,
     temporal_activation_regularization,
 )
 
 Hidden = List[Tuple[Tensor, Tensor]]
+
+
+class AWDMasks(NamedTuple):
+    """Every dropout mask of one training forward over a whole batch (None where a rate is 0).
+
+    Drawn once per optimizer step for the global batch, so a rank or micro-batch that sees some of the
+    batch's columns takes the same word, unit and weight masks as a single process seeing all of them.
+    """
+
+    embedding: Optional[Tensor]  # (ntoken, 1): word types kept
+    layer_inputs: List[Optional[Tensor]]  # (1, B, width) locked masks on each layer's input
+    output: Optional[Tensor]  # (1, B, emsize) on the last layer's output
+    weight_hh: List[Optional[Tensor]]  # DropConnect on each layer's recurrent weights
+
+    def columns(self, cols: slice) -> "AWDMasks":
+        """The masks of the batch columns ``cols`` (the word and weight masks are the whole batch's)."""
+        cut = [None if m is None else m[:, cols] for m in self.layer_inputs]
+        return self._replace(layer_inputs=cut, output=None if self.output is None else self.output[:, cols])
 
 
 class AWDOutput(NamedTuple):
@@ -91,20 +111,40 @@ class AWDLSTM(nn.Module):
         for rnn in self.rnns:
             rnn.weight_drop = self._wdrop
 
-    def forward(self, tokens: Tensor, hidden: Hidden | None = None) -> AWDOutput:
+    def forward(self, tokens: Tensor, hidden: Hidden | None = None, masks: AWDMasks | None = None) -> AWDOutput:
+        """``masks`` (from ``draw_masks``, cut to this batch's columns) replaces the masks a training forward would
+        otherwise draw from the global generator for its own columns."""
         if hidden is None:
             hidden = self.init_hidden(tokens.size(1))
-        emb = embedding_dropout(self.encoder, tokens, self.dropoute, self.training)
-        x = self.lockdrop(emb, self.dropouti)
+        drawn = masks is not None and self.training
+        emb = embedding_dropout(self.encoder, tokens, self.dropoute, self.training,
+                                masks.embedding if drawn else None)
         new_hidden: Hidden = []
+        x = emb
         for l, rnn in enumerate(self.rnns):
-            x, h = rnn(x, hidden[l])
+            x = self.lockdrop(x, self._input_rate(l), masks.layer_inputs[l] if drawn else None)
+            x, h = rnn(x, hidden[l], mask=masks.weight_hh[l] if drawn else None)
             new_hidden.append(h)
-            if l != self.nlayers - 1:
-                x = self.lockdrop(x, self.dropouth)
         raw_output = x
-        output = self.lockdrop(raw_output, self.dropout)
+        output = self.lockdrop(raw_output, self.dropout, masks.output if drawn else None)
         return AWDOutput(output, new_hidden, raw_output)
+
+    def _input_rate(self, layer: int) -> float:
+        return self.dropouti if layer == 0 else self.dropouth
+
+    def draw_masks(self, batch_size: int, generator: torch.Generator) -> AWDMasks:
+        """One training forward's masks for a batch of ``batch_size`` columns, drawn from ``generator`` in a fixed
+        order, at the rates set now. Draw the next set only after the backward of every forward using this one
+        (the recurrent-weight masks live in buffers that the next draw overwrites)."""
+        w = self.encoder.weight
+        opts = dict(dtype=w.dtype, device=w.device, generator=generator)
+        embedding = embedding_mask(w.size(0), self.dropoute, **opts)
+        inputs, weights = [], []
+        for l, rnn in enumerate(self.rnns):
+            inputs.append(LockedDropout.draw_mask(batch_size, rnn.input_size, self._input_rate(l), **opts))
+            weights.append(rnn.draw_mask(generator=generator))
+        output = LockedDropout.draw_mask(batch_size, self.rnns[-1].hidden_size, self.dropout, **opts)
+        return AWDMasks(embedding, inputs, output, weights)
 
     def init_hidden(self, batch_size: int) -> Hidden:
         w = self.encoder.weight

@@ -1,8 +1,11 @@
 """AWD-LSTM language modelling on the shared engine (Merity et al. 2017).
 
 Data parallelism splits the global batch's columns: each rank owns a contiguous block of
-the batchified stream, all ranks draw the same BPTT lengths, and each carries the hidden state
-of its own columns across steps (one per micro-batch when accumulating).
+the batchified stream (blocks differ by at most one column, so any world size trains the same
+batch), all ranks draw the same BPTT lengths, and each carries the hidden state of its own columns
+across steps (one per micro-batch when accumulating). Every dropout mask of a step is drawn for the
+whole global batch from a generator keyed by the step, and each micro-batch takes its columns of it:
+the same seed gives the same masks for the same tokens whatever the world size or micro-batch size.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from torch import nn
 from trainer.datasets import ensure_dataset
 from trainer.errors import CheckpointError
 from trainer.recipe import MicroResult, Recipe, TrainStep
+from trainer.rng import KeyedGenerator
 
 from .config import AWDConfig
-from .corpus import PTB, WIKITEXT2, BpttSampler, Corpus, batchify, eval_columns, get_batch, rank_columns
-from .model import AWDLSTM
+from .corpus import PTB, WIKITEXT2, BpttSampler, Corpus, batchify, eval_columns, get_batch
+from .model import AWDLSTM, AWDMasks
 from .pointer import pointer_nll_sum
 
 DATASETS = {"ptb": PTB, "wikitext-2": WIKITEXT2}
@@ -30,6 +34,7 @@ class AWDLSTMRecipe(Recipe):
     unit = "tokens"
     default_precision = "fp32"  # the paper's numbers are fp32; SGD at lr 30 is not bf16-safe
     eval_modes = ("standard", "pointer")
+    uneven_batches = True  # columns split as evenly as possible; losses weighted by columns
 
     cfg: AWDConfig
 
@@ -39,10 +44,13 @@ class AWDLSTMRecipe(Recipe):
         self.corpus = Corpus.from_dir(path)
         self.sampler = BpttSampler(d.bptt, self.cfg.seed)
         self.hidden: list | None = None  # per micro-batch hidden state, carried across steps
+        self.masks: AWDMasks | None = None  # this step's masks for the global batch, until its last micro-batch
         self._eval_cache: dict[str, torch.Tensor] = {}
         if self.plan is not None:
             stream = batchify(self.corpus.train, self.plan.global_batch)
-            self.train_data = rank_columns(stream, self.ctx.rank, self.ctx.world).to(self.ctx.device)
+            own = slice(self.plan.offset, self.plan.offset + self.plan.per_rank)
+            self.train_data = stream[:, own].contiguous().to(self.ctx.device)
+            self.mask_generator = KeyedGenerator(self.cfg.seed, self.ctx.device)
             drop, epochs, steps = self.cfg.drop, self.cfg.train.epochs, self.steps_per_epoch()
             self.drop_schedules = {name: drop.schedule_for(getattr(self.cfg.model, name), epochs, steps)
                                    for name in drop.rates} if drop.mode != "standard" else {}
@@ -72,30 +80,34 @@ class AWDLSTMRecipe(Recipe):
             seq_len = self.sampler.next_len(data.size(0) - 1 - i)
             inputs, targets = get_batch(data, i, seq_len)
             i += seq_len
-            micro = [
-                (k, inputs[:, k * plan.micro:(k + 1) * plan.micro], targets[:, k * plan.micro:(k + 1) * plan.micro])
-                for k in range(plan.accumulation)
-            ]
+            micro = [(k, cols, inputs[:, cols.start - plan.offset:cols.stop - plan.offset],
+                      targets[:, cols.start - plan.offset:cols.stop - plan.offset])
+                     for k, cols in enumerate(plan.micro_slices())]
             yield TrainStep(micro, units=seq_len * plan.per_rank, position=i, lr_scale=seq_len / bptt)
 
     def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
-        """Early / late dropout (``drop.*``): each scheduled rate set on the model, read back for TensorBoard."""
-        if not self.drop_schedules:
-            return {}
+        """Early / late dropout (``drop.*``): each scheduled rate set on the model, read back for TensorBoard; then
+        the step's masks, for the global batch, at those rates."""
         model: AWDLSTM = engine.module
         for name, schedule in self.drop_schedules.items():
             setattr(model, name, schedule.value(step))
+        self.masks = model.draw_masks(self.plan.global_batch, self.mask_generator.at(step))
         return {f"drop/{name}": float(getattr(model, name)) for name in self.drop_schedules}
 
     def micro_loss(self, engine, micro) -> MicroResult:
-        k, inputs, targets = micro
+        """One micro-batch's loss with its columns of the step's masks. Outside a step (the gradient analysis'
+        extra forwards) there are none, and the model draws its own from the global generator."""
+        k, cols, inputs, targets = micro
         model: AWDLSTM = engine.module
         if self.hidden is None:
-            self.hidden = [model.init_hidden(self.plan.micro) for _ in range(self.plan.accumulation)]
-        out = engine(inputs, self.hidden[k])
+            self.hidden = [model.init_hidden(c.stop - c.start) for c in self.plan.micro_slices()]
+        masks = None if self.masks is None else self.masks.columns(cols)
+        if k == self.plan.accumulation - 1:
+            self.masks = None
+        out = engine(inputs, self.hidden[k], masks=masks)
         self.hidden[k] = AWDLSTM.detach_hidden(out.hidden)
         loss, ce = model.loss(out, targets, self.cfg.model.alpha, self.cfg.model.beta)
-        return MicroResult(loss, {"loss": ce})
+        return MicroResult(loss, {"loss": ce}, size=cols.stop - cols.start)
 
     def _eval_stream(self, split: str, bsz: int) -> torch.Tensor:
         """This rank's columns of the split batchified at ``bsz`` (the paper: 10 for valid, 1 for test)."""
@@ -165,9 +177,7 @@ class AWDLSTMRecipe(Recipe):
             raise CheckpointError(f"the checkpoint carries hidden states of {layers[0][0].size(1)} columns but "
                                   f"data.batch_size is {plan.global_batch}; resume with the global batch it was "
                                   "written with")
-        start = self.ctx.rank * plan.per_rank
-        self.hidden = [[(h[:, a:a + plan.micro].to(dev), c[:, a:a + plan.micro].to(dev)) for h, c in layers]
-                       for a in range(start, start + plan.per_rank, plan.micro)]
+        self.hidden = [[(h[:, cols].to(dev), c[:, cols].to(dev)) for h, c in layers] for cols in plan.micro_slices()]
 
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model

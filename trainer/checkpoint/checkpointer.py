@@ -13,9 +13,10 @@ import torch
 
 from ..distributed import DistContext, broadcast_object
 from ..errors import CheckpointError
+from ..precision import fp32_state, uses_masters
 from ..rng import capture_rng, restore_rng
 from .elastic import load_rank_state, load_repartitioned_optimizer, partitions_optimizer, saved_world
-from .layout import AVERAGE_FILE, BEST, rank_file
+from .layout import AVERAGE_FILE, BEST, FP32_WEIGHTS, rank_file
 from .tags import choose_resume_tag, read_average_state
 from .writing import recover_interrupted, write
 
@@ -57,7 +58,9 @@ class Checkpointer:
     DeepSpeed saves the module, optimizer and scheduler, and the client state once (rank 0): the loop's state,
     the recipe's and its signature. Exact resume also needs each rank's RNG streams and recipe state (e.g. a
     carried LSTM hidden state); those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files. The NT-ASGD
-    average is saved whole (``averaged.pt``), so it loads on any world size.
+    average is saved whole (``averaged.pt``), so it loads on any world size. Under bf16 DeepSpeed's module file
+    holds the bf16 copies and the fp32 masters are cut into its optimizer files; ``fp32_weights.pt`` keeps them
+    whole, by name, for what reads a checkpoint's weights without an engine (``train.init_from``, evaluate.py).
     """
 
     def __init__(self, engine, ckpt_dir: Path, ctx: DistContext, keep_last: int):
@@ -73,6 +76,8 @@ class Checkpointer:
         shared = {}
         if not best and averager is not None:
             shared[AVERAGE_FILE] = averager.state_dict()
+        if uses_masters(list(self.engine.module.parameters())):
+            shared[FP32_WEIGHTS] = fp32_state(self.engine.module)  # a collective: every rank saves
         client_state = {
             "trainer": trainer_state,
             "recipe": recipe.state_dict(),

@@ -14,6 +14,7 @@ MANIFEST = "manifest.json"
 STEP_TAG = re.compile(r"^step_(\d+)$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 AVERAGE_FILE = "averaged.pt"  # the NT-ASGD state: whole average, independent of the world size
+FP32_WEIGHTS = "fp32_weights.pt"  # bf16 runs: the parameters' fp32 masters, by name (the module file has bf16)
 
 
 def step_tag(step: int) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..optim.sharded_average import copy_flat_into
-from .layout import AVERAGE_FILE, MODEL_STATES, read_latest_tag, step_tags
+from .layout import AVERAGE_FILE, FP32_WEIGHTS, MODEL_STATES, read_latest_tag, step_tags
 from .writing import verify
 
 log = logging.getLogger("trainer")
@@ -61,8 +61,15 @@ def read_client_state(ckpt_dir: Path, tag: str) -> dict:
 
 def load_weights(module: torch.nn.Module, ckpt_dir: Path, tag: str) -> None:
     """The weights a checkpoint stands for, into a bare module (before DeepSpeed wraps it, so any ZeRO
-    stage starts from them): its saved module, with the iterate average swapped in when it kept one."""
+    stage starts from them): its saved module, with the fp32 masters over its bf16 copies when a bf16 run wrote
+    it, and the iterate average swapped in when it kept one."""
     module.load_state_dict(_load_file(ckpt_dir / tag / MODEL_STATES)["module"])
+    fp32 = ckpt_dir / tag / FP32_WEIGHTS
+    if fp32.is_file():  # by parameter, after the module: a tied weight's second name must not bring bf16 back
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in _load_file(fp32).items():
+                params[name].copy_(value)
     average = read_average_state(ckpt_dir, tag)
     if average is not None and average.get("average") is not None:
         copy_flat_into(module, average["average"])

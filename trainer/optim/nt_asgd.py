@@ -68,19 +68,21 @@ class NTASGD:
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
-        """The averaged weights in the model for the duration; the raw ones come back untouched."""
+        """The averaged weights in the model for the duration; the raw ones come back untouched (under bf16 the
+        fp32 masters too: the next optimizer step starts from the raw iterate, not from a bf16 rounding of it)."""
         if not self.averaging:
             yield
             return
         flat = self.average.gather()
-        raw = [p.detach().clone() for p in self.average.params]
+        targets = self.average.targets()
+        raw = [t.detach().clone() for t in targets]
         self.average.copy_into_params(flat)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, r in zip(self.average.params, raw):
-                    p.data.copy_(r)
+                for t, r in zip(targets, raw):
+                    t.data.copy_(r)
 
     def scalars(self) -> dict[str, float]:
         return {"asgd/averaging": float(self.averaging), "asgd/averaged_steps": float(self.count)}

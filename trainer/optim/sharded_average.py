@@ -5,6 +5,10 @@ vector is cut into ``world`` contiguous shards, as ZeRO cuts its flat groups. Ea
 only its own shard (1/N of the memory); the whole average exists only transiently, when it is gathered to
 evaluate or to save. Since the flat order depends on the module alone, the saved average is independent of
 the world size and of the ZeRO stage, and loads on any number of ranks.
+
+Under bf16 the iterates averaged are the fp32 master weights, not their bf16 copies in the module. Each rank
+then averages the masters it holds itself (DeepSpeed's partition of them, see trainer/precision.py): reading
+them costs no communication, and the shard is those pieces instead of one contiguous slice.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistContext
+from ..precision import master_pieces, master_values, uses_masters
 
 
 class ShardedAverage:
@@ -27,22 +32,34 @@ class ShardedAverage:
         self.shard = math.ceil(self.total / ctx.world)
         self.lo = min(self.total, ctx.rank * self.shard)
         self.hi = min(self.total, self.lo + self.shard)
-        device = self.params[0].device
-        self.buffer = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=device)
-        # (flattened param view slice, matching slice of this rank's buffer) for every param that meets the shard
-        self._pieces: list[tuple[nn.Parameter, int, int, int]] = []
-        offset = 0
+        self.masters = uses_masters(self.params)
+        starts = [0]
         for p in self.params:
-            a, b = max(self.lo, offset), min(self.hi, offset + p.numel())
-            if a < b:
-                self._pieces.append((p, a - offset, b - offset, a - self.lo))
-            offset += p.numel()
+            starts.append(starts[-1] + p.numel())
+        # (param, its values [a, b), their place in the module's flat order, in this rank's buffer)
+        self._pieces: list[tuple[nn.Parameter, int, int, int, int]] = []
+        at = 0
+        if self.masters:
+            for i, a, b in master_pieces(self.params, ctx.rank):
+                self._pieces.append((self.params[i], a, b, starts[i] + a, at))
+                at += b - a
+        else:
+            for p, offset in zip(self.params, starts):
+                a, b = max(self.lo, offset), min(self.hi, offset + p.numel())
+                if a < b:
+                    self._pieces.append((p, a - offset, b - offset, a, a - self.lo))
+            at = self.hi - self.lo
+        self.buffer = torch.zeros(at, dtype=torch.float32, device=self.params[0].device)
+
+    def _values(self, p: nn.Parameter, a: int, b: int) -> torch.Tensor:
+        """The iterate's values [a, b) of ``p``: its fp32 master under bf16, else the parameter itself."""
+        return master_values(p, a, b) if self.masters else p.detach().reshape(-1)[a:b]
 
     def _slices(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         mine, theirs = [], []
-        for p, a, b, at in self._pieces:
+        for p, a, b, _, at in self._pieces:
             mine.append(self.buffer[at:at + (b - a)])
-            theirs.append(p.detach().reshape(-1)[a:b])
+            theirs.append(self._values(p, a, b))
         return mine, theirs
 
     @torch.no_grad()
@@ -60,6 +77,13 @@ class ShardedAverage:
     @torch.no_grad()
     def gather(self) -> torch.Tensor:
         """The whole average as one flat fp32 vector on every rank (a collective: all ranks call it)."""
+        if self.masters:  # pieces anywhere in the flat order, each held by one rank: a sum puts them together
+            out = torch.zeros(self.total, dtype=torch.float32, device=self.buffer.device)
+            for _, a, b, flat_at, at in self._pieces:
+                out[flat_at:flat_at + (b - a)] = self.buffer[at:at + (b - a)]
+            if self.ctx.world > 1:
+                dist.all_reduce(out)
+            return out
         padded = torch.zeros(self.shard, dtype=torch.float32, device=self.buffer.device)
         padded[: self.buffer.numel()] = self.buffer
         if self.ctx.world == 1:
@@ -75,10 +99,23 @@ class ShardedAverage:
     def load_flat(self, flat: torch.Tensor) -> None:
         if flat.numel() != self.total:
             raise ValueError(f"averaged state has {flat.numel()} values, the model {self.total}")
-        self.buffer.copy_(flat[self.lo:self.hi].to(self.buffer.device))
+        if not self.masters:
+            self.buffer.copy_(flat[self.lo:self.hi].to(self.buffer.device))
+            return
+        for _, a, b, flat_at, at in self._pieces:
+            self.buffer[at:at + (b - a)] = flat[flat_at:flat_at + (b - a)].to(self.buffer.device)
 
+    def targets(self) -> list[torch.Tensor]:
+        """What :meth:`copy_into_params` overwrites: the parameters, and under bf16 this rank's masters too."""
+        return self.params + ([self._values(p, a, b) for p, a, b, _, _ in self._pieces] if self.masters else [])
+
+    @torch.no_grad()
     def copy_into_params(self, flat: torch.Tensor) -> None:
+        """``flat`` into the module; under bf16 into the masters as well, so that what is evaluated, saved (its
+        fp32 copy included) and stepped from is one set of weights."""
         copy_flat_into_params(self.params, flat)
+        for p, a, b, flat_at, _ in self._pieces if self.masters else ():
+            self._values(p, a, b).copy_(flat[flat_at:flat_at + (b - a)])
 
 
 @torch.no_grad()

@@ -1,0 +1,169 @@
+"""train.precision: the TF32 switches, the DeepSpeed config each mode gives (timers off, fp32 reduction and
+accumulation), and, on 2 gloo ranks under real DeepSpeed bf16 engines, that the NT-ASGD average, the distance from
+initialization and a checkpoint's weights are those of the fp32 master weights, not of their bf16 copies."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import free_port
+from trainer.config import AnalysisConfig
+from trainer.distributed import DistContext
+from trainer.engine import deepspeed_config, plan_batch, resolve_precision
+from trainer.errors import ConfigError
+from trainer.precision import apply_precision, fp32_state, initialize
+from trainer.registry import get_recipe
+
+CPU = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+T0, STEPS = 3, 8
+
+
+def awd(*overrides):
+    return get_recipe("awd_ptb").load_config([], ["data.batch_size=8", *overrides])
+
+
+@pytest.fixture
+def tf32_switches():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_tf32_is_set_explicitly_either_way(tf32_switches, precision, tf32):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    apply_precision(precision)
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+
+
+@pytest.mark.parametrize("recipe", ["awd_ptb", "vit_t"])
+def test_every_mode_is_accepted_auto_is_fp32_off_a_gpu(recipe):
+    spec = get_recipe(recipe)
+    for choice, want in (("auto", "fp32"), ("fp32", "fp32"), ("tf32", "tf32"), ("bf16", "bf16")):
+        cfg = spec.load_config([], [f"train.precision={choice}"])
+        assert resolve_precision(cfg, spec.factory, CPU) == want
+    with pytest.raises(ConfigError, match="train.precision"):
+        spec.load_config([], ["train.precision=fp16"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_deepspeed_config_turns_the_synchronizing_timers_off(precision):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = awd("train.zero_stage=0")
+    ds = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(8, 1, 0), precision, None))
+    assert not ds.timers_config.enabled and not ds.timers_config.synchronized
+    assert not ds.wall_clock_breakdown
+    assert ds.communication_data_type == torch.float32 and ds.grad_accum_dtype == "fp32"
+    assert ds.bfloat16_config.enabled is (precision == "bf16")
+    # DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 from ZeRO stage 1 on (its BF16 optimizer)
+    assert ds.zero_optimization_stage == (1 if precision == "bf16" else 0)
+
+
+# ------------------------------------------------------------------ bf16 engines on 2 gloo ranks
+class Stub:
+    """What a checkpoint asks of a recipe, and nothing else."""
+
+    def state_dict(self):
+        return {}
+
+    def rank_state_dict(self):
+        return {}
+
+    def checkpoint_signature(self):
+        return {}
+
+
+def flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in state.values()])
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from trainer.analysis import GradientAnalysis
+    from trainer.checkpoint import Checkpointer, load_weights
+    from trainer.optim.nt_asgd import NTASGD
+
+    torch.set_num_threads(1)  # two ranks on a small machine
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    deepspeed.init_distributed("gloo")
+    ctx = DistContext(rank=rank, world=2, local_rank=rank, device=torch.device("cpu"))
+    report = {}
+    for stage in (0, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))  # 174 values: ranks cut mid-tensor
+        init = flat({n: p.detach().clone() for n, p in model.named_parameters()})
+        analysis = GradientAnalysis(AnalysisConfig(enabled=True), model, ctx)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        config = deepspeed_config(awd(f"train.zero_stage={stage}"), plan_batch(8, 2, 0), "bf16", None)
+        engine, _, _, _ = initialize(model, config, optimizer=opt)
+        r = {"timer": [engine.tput_timer.config.enabled, engine.tput_timer.config.synchronized],
+             "wall_clock": engine.wall_clock_breakdown(), "optimizer": type(engine.optimizer).__name__,
+             "dtype": str(next(engine.module.parameters()).dtype),
+             "masters_are_init": torch.equal(flat(fp32_state(engine.module)), init),
+             "distance_at_start": analysis.distance_from_init()}
+        asgd = NTASGD(engine.module, ctx, t0=T0)
+        gen = torch.Generator().manual_seed(100 + rank)
+        masters, copies = [], []
+        for step in range(1, STEPS + 1):
+            x, y = torch.randn(4, 7, generator=gen), torch.randn(4, 5, generator=gen)
+            engine.backward(nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
+            engine.step()
+            asgd.after_step(step)
+            masters.append(flat(fp32_state(engine.module)))
+            copies.append(flat({n: p.detach().float() for n, p in engine.module.named_parameters()}))
+        want, of_copies = torch.stack(masters[T0 - 1:]).mean(0), torch.stack(copies[T0 - 1:]).mean(0)
+        r["distance_err"] = abs(analysis.distance_from_init() - (masters[-1] - init).norm().item())
+        r["average_err"] = (asgd.average.gather() - want).abs().max().item()
+        r["copies_gap"] = (of_copies - want).abs().max().item()  # what averaging the bf16 copies would be off by
+        ckpt = Checkpointer(engine, out + f"/ckpt{stage}", ctx, keep_last=1)
+        with asgd.swapped():
+            r["swapped_masters_err"] = (flat(fp32_state(engine.module)) - want).abs().max().item()
+            r["swapped_module_is_rounded_average"] = torch.equal(
+                flat({n: p.detach() for n, p in engine.module.named_parameters()}), want.bfloat16())
+            ckpt.save("best", {}, Stub())
+        r["masters_restored"] = torch.equal(flat(fp32_state(engine.module)), masters[-1])
+        r["module_restored"] = torch.equal(
+            flat({n: p.detach().float() for n, p in engine.module.named_parameters()}), copies[-1])
+        fresh = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))
+        load_weights(fresh, ckpt.dir, "best")
+        r["best_err"] = (flat(dict(fresh.named_parameters())).detach() - want).abs().max().item()
+        report[stage] = r
+    torch.save(report, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def bf16_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16")
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_bf16_engine_has_fp32_masters_and_no_synchronizing_timer(bf16_report):
+    for report in bf16_report:
+        for stage, r in report.items():
+            assert r["timer"] == [False, False] and r["wall_clock"] is False, stage
+            assert r["dtype"] == "torch.bfloat16", stage
+            assert r["optimizer"] == {0: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer"}[stage]
+            # the masters start from the fp32 initialization, not from its bf16 rounding
+            assert r["masters_are_init"] and r["distance_at_start"] == 0.0, stage
+            assert r["distance_err"] < 1e-5, stage
+
+
+def test_bf16_average_swap_and_best_use_the_masters(bf16_report):
+    for report in bf16_report:
+        for stage, r in report.items():
+            assert r["copies_gap"] > 1e-4, stage  # the test can tell masters from copies
+            assert r["average_err"] < 1e-6 and r["swapped_masters_err"] < 1e-6, (stage, r)
+            assert r["swapped_module_is_rounded_average"], stage
+            assert r["masters_restored"] and r["module_restored"], stage  # the next step starts from the iterate
+            assert r["best_err"] < 1e-6, (stage, r)  # init_from / evaluate.py read the fp32 average
