@@ -94,19 +94,22 @@ def plain_loop(model_name: str, batch: int, steps: int) -> list[float]:
     from timm.optim import create_optimizer_v2
 
     from recipes.imagenet.config import ImageDataConfig
-    from recipes.imagenet.data import SyntheticSplit, default_workers, train_loader
+    from recipes.imagenet.data import DeviceNormalize, SyntheticSplit, build_erasing, default_workers, train_loader
     from recipes.imagenet.recipe import build_mixup
     from trainer.distributed import DistContext
 
     torch.set_num_threads(os.cpu_count() or 1)  # what the engine gives a single rank
     model = timm.create_model(model_name, num_classes=CLASSES).train()
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
-    mixup, criterion = build_mixup(ImageDataConfig(), CLASSES), SoftTargetCrossEntropy()
+    data, cpu = ImageDataConfig(), torch.device("cpu")
+    mixup, criterion = build_mixup(data, CLASSES), SoftTargetCrossEntropy()
+    normalize, erasing = DeviceNormalize(cpu), build_erasing(data.reprob, cpu)
     loader = train_loader(SyntheticSplit(CLASSES * IMAGES_PER_CLASS, 224, CLASSES),
                           DistContext(0, 1, 0, torch.device("cpu")), batch, workers=default_workers())
     rates, done, t0, n = [], 0, time.perf_counter(), 0
     while done < steps:
         for images, labels, _ in loader:
+            images = erasing(normalize(images))  # the loaders send uint8; the recipe normalizes, erases, mixes
             images, targets = mixup(images, labels)
             loss = criterion(model(images), targets)
             opt.zero_grad(set_to_none=True)

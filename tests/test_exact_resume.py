@@ -126,7 +126,7 @@ def image_run(tmp_path_factory):
                               "train.epochs=4", f"train.max_steps={IMAGE_STEPS}", "train.log_every=1",
                               "train.checkpoint_every=1", "train.keep_last=100", "train.progress=false",
                               "optim.lr=2e-3", "optim.lr_batch=32", "optim.warmup_epochs=1",
-                              "drop.dropout=0.3", "drop.drop_path=0.2", "drop.cutoff_epoch=4"], ranks=2))
+                              "drop.dropout=0.3", "drop.drop_path=0.2", "drop.cutoff_epoch=3"], ranks=2))
     return run_dir
 
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from recipes.imagenet.data import (
-    BlockSampler, SampleKey, SkipCollate, build_transforms, count_wds_samples, default_workers, eval_loader,
-    open_split, train_loader,
+    BlockSampler, DeviceNormalize, SampleKey, SkipCollate, SyntheticSplit, build_erasing, build_transforms,
+    count_wds_samples, cpus_per_rank, default_workers, eval_loader, open_split, train_loader,
 )
 from trainer.distributed import DistContext
 from trainer.errors import DataError
@@ -110,7 +110,7 @@ def test_transforms_at_32px():
         t = build_transforms(32, train)
         for size in ((40, 40), (300, 200), (20, 50)):
             out = t(picture((120, 60, 30), 0).resize(size))
-            assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+            assert out.shape == (3, 32, 32) and out.dtype == torch.uint8  # workers send uint8
     one_line_data_error(lambda: build_transforms(32, True, auto_augment="nonsense"), "nonsense")
 
 
@@ -124,6 +124,7 @@ def test_bad_files_return_none_and_collate_counts(tree, tf, caplog):
     assert len(warnings) == 1 and str(train.path(bad[0])) in warnings[0].getMessage()  # first bad file only
     empty = SkipCollate(train.image_shape)([None, None])
     assert empty.images.shape == (0, 3, 32, 32) and empty.labels.shape == (0,) and empty.skipped == 2
+    assert empty.images.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -276,16 +277,82 @@ def test_wds_uneven_shards_give_every_rank_the_same_batches(shards, tf):
     assert sum(len(o) for o in owned) == len(set().union(*owned))  # no shard is read by two ranks
 
 
-def test_loader_settings(tree, tf, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_workers() == 8
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert default_workers() == 4
+@pytest.fixture
+def machine(monkeypatch):
+    """A 256-core host (os.cpu_count) whose affinity mask gives this process 24 of them, outside Slurm."""
+    monkeypatch.setattr("os.cpu_count", lambda: 256)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(24)))
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_NTASKS", "LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env, cpus", [
+    ({"LOCAL_WORLD_SIZE": "1"}, 24),  # the affinity mask, not the machine's 256
+    ({"LOCAL_WORLD_SIZE": "4"}, 6),  # shared by a launcher's ranks on the host
+    ({"LOCAL_WORLD_SIZE": "4", "SLURM_CPUS_PER_TASK": "10", "SLURM_NTASKS": "8"}, 10),  # a Slurm task per rank
+    ({"LOCAL_WORLD_SIZE": "4", "SLURM_CPUS_PER_TASK": "16", "SLURM_NTASKS": "2"}, 4),  # 4 ranks in each task
+    ({"LOCAL_WORLD_SIZE": "2", "SLURM_CPUS_PER_TASK": "12"}, 6),  # no task count: the host's ranks share
+    ({"LOCAL_WORLD_SIZE": "48"}, 1),  # never 0
+])
+def test_worker_count_follows_the_cpus_this_rank_may_use(machine, env, cpus):
+    for var, value in env.items():
+        machine.setenv(var, value)
+    assert cpus_per_rank() == cpus
+    assert default_workers() == min(8, cpus)
+
+
+def test_loader_settings(tree, tf):
     train = open_split(tree, "train", tf)
     dl = train_loader(train, ctx(), 4, workers=2).loader
-    assert dl.persistent_workers and dl.prefetch_factor == 4 and not dl.pin_memory
+    assert dl.persistent_workers and dl.prefetch_factor == 2 and not dl.pin_memory
     assert not train_loader(train, ctx(), 4, workers=0).loader.persistent_workers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_send_uint8_batches(tree, tf, augment, shards, workers):
+    loaders = [train_loader(open_split(tree, "train", augment), ctx(), 5, workers=workers),
+               eval_loader(open_split(tree, "val", tf), ctx(), 5, workers=workers),
+               train_loader(open_split(shards, "train", augment, format="wds", samples=24), ctx(), 4, workers=workers),
+               train_loader(SyntheticSplit(12, 32, 3), ctx(), 4, workers=workers)]
+    for loader in loaders:
+        batches = list(loader)
+        assert batches and all(b.images.dtype == torch.uint8 and b.images.shape[1:] == (3, 32, 32) for b in batches)
+        rate = loader.take_rate()  # images per second waited for them
+        assert rate is not None and rate > 0
+        assert loader.take_rate() is None  # reset: nothing delivered since
+
+
+def test_a_float_transform_is_refused(tree):
+    from timm.data import create_transform
+
+    one_line_data_error(lambda: open_split(tree, "val", create_transform(32)), "torch.float32", "uint8")
+
+
+def test_device_normalization_matches_torchvision_float_path():
+    """The loaders' uint8 batch normalized on the device equals timm's / torchvision's ToTensor + Normalize."""
+    from timm.data import create_transform
+
+    images = [picture((200, 30, 30), 1), picture((10, 90, 240), 2).resize((57, 41)), picture((128, 128, 128), 3)]
+    float_tf = create_transform(32, is_training=False, crop_pct=0.875, interpolation="bicubic")  # ToTensor, Normalize
+    want = torch.stack([float_tf(im) for im in images])
+    got = DeviceNormalize(CPU)(torch.stack([build_transforms(32, False)(im) for im in images]))
+    assert got.dtype == torch.float32 and got.shape == want.shape == (3, 3, 32, 32)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError):
+        DeviceNormalize(CPU)(want)
+
+
+def test_random_erasing_works_on_normalized_batches():
+    assert build_erasing(0.0, CPU) is None
+    torch.manual_seed(0)
+    batch = torch.full((4, 3, 32, 32), 7.0)  # a value no N(0, 1) draw comes near
+    out = build_erasing(1.0, CPU)(batch.clone())
+    erased = out != 7.0
+    assert all(0 < int(e.sum()) < e.numel() for e in erased)  # one box in every image, not the whole image
+    assert out[erased].abs().max() < 7.0 and abs(float(out[erased].std()) - 1.0) < 0.2  # per-pixel normal noise
+    one_line_data_error(lambda: build_erasing(0.5, CPU, remode="sparkle"), "sparkle")
 
 
 def test_wds_resume_with_workers(shards, tf):

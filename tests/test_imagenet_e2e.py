@@ -1,5 +1,6 @@
 """The ImageNet recipes end to end on a generated ImageFolder: 2-rank ViT and Mixer runs on CPU that learn,
-log the scheduled drop rates every step, evaluate exactly on 1 rank, and resume mid-schedule."""
+log the scheduled drop rates and the loader's rate every step, evaluate exactly on 1 rank, and resume
+mid-schedule."""
 
 import json
 import shutil
@@ -62,6 +63,13 @@ def test_early_dropout_falls_linearly_to_zero_at_the_cutoff(vit_run):
     assert set(scalars(vit_run, "drop/drop_path").values()) == {0.0}
     for tag in ("train/loss", "train/lr", "valid/loss", "valid/top1", "valid/top5", "perf/samples_per_s"):
         assert scalars(vit_run, tag), tag
+
+
+def test_the_loaders_rate_is_logged_beside_the_models(vit_run):
+    """Images per second the training loop waited on its loader (summed over ranks), at the model's cadence."""
+    loader, model = scalars(vit_run, "perf/loader_samples_per_s"), scalars(vit_run, "perf/samples_per_s")
+    assert sorted(loader) == sorted(model) == list(range(1, 25))  # train.log_every=1
+    assert all(v > 0 for v in loader.values())
 
 
 def test_one_rank_evaluation_matches_the_two_rank_log(vit_run):

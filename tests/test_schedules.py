@@ -53,7 +53,7 @@ def test_late_constant():
 def test_steps_past_the_end_keep_the_last_value():
     assert DropSchedule(0.1, "late", **KW).value(10**6) == 0.1
     assert DropSchedule(0.1, "early", "linear", **KW).value(10**6) == 0.0
-    # Cutoff beyond the run: the early phase covers everything, the decay never reaches 0.
+    # Built directly (a config rejects it), a cutoff beyond the run: the early phase covers everything.
     s = DropSchedule(0.2, "early", "linear", cutoff_epoch=4, epochs=2, steps_per_epoch=2)  # 8 early steps
     assert [s.value(i) for i in range(4)] == pytest.approx([0.2, 0.2 * 6 / 7, 0.2 * 5 / 7, 0.2 * 4 / 7])
     assert s.value(100) == pytest.approx(0.2 * 4 / 7)
@@ -107,6 +107,27 @@ def test_config_rejects_bad_combinations(kwargs, key):
     with pytest.raises(ValidationError) as err:
         DropConfig(**kwargs)
     assert f"{key}:" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, key, what", [
+    (dict(dropout=0.1, mode="early", cutoff_epoch=300), "cutoff_epoch=300", "early dropout would never end"),
+    (dict(drop_path=0.1, mode="late", cutoff_epoch=301), "cutoff_epoch=301", "late stochastic depth would never start"),
+    (dict(dropout=0.1, mode="early", cutoff_epoch=50, dropout_cutoff_epoch=300), "dropout_cutoff_epoch=300",
+     "early dropout"),
+    (dict(drop_path=0.1, drop_path_mode="late", drop_path_cutoff_epoch=300), "drop_path_cutoff_epoch=300",
+     "late stochastic depth"),
+])
+def test_a_cutoff_the_run_never_reaches_is_an_error(kwargs, key, what):
+    with pytest.raises(ValueError) as err:
+        DropConfig(**kwargs).check_epochs(300)
+    msg = str(err.value)
+    assert f"drop.{key} is not before train.epochs=300" in msg and what in msg and "\n" not in msg
+
+
+def test_cutoffs_before_the_end_or_unused_are_fine():
+    DropConfig(dropout=0.1, mode="early", cutoff_epoch=299).check_epochs(300)
+    DropConfig(dropout=0.0, drop_path=0.1, mode="early", cutoff_epoch=300, drop_path_mode="standard").check_epochs(300)
+    DropConfig(dropout=0.1, cutoff_epoch=500).check_epochs(300)  # standard: the cutoff is unused
 
 
 def test_late_linear_message():
@@ -193,9 +214,9 @@ def test_rates_land_on_every_module(case):
     now = current_rates(model)
     assert now["drop_path"] == pytest.approx(rates)
     assert set(now["drop_path_modules"].values()) <= set(rates)
+    assert now["dropout"].pop("head_drop") == 0.0  # no classifier-head dropout, as in the reference
     assert now["dropout"] and all(p == 0.25 for p in now["dropout"].values())
     names = set(now["dropout"])
-    assert "head_drop" in names
     if depth == 4:  # ViT: every location, attention included
         for name in ("pos_drop", "blocks.0.attn.attn_drop", "blocks.0.attn.proj_drop", "blocks.3.mlp.drop1",
                      "blocks.3.mlp.drop2"):
@@ -204,7 +225,7 @@ def test_rates_land_on_every_module(case):
     else:
         assert {"blocks.0.mlp_tokens.drop1", "blocks.2.mlp_channels.drop2"} <= names
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, nn.Dropout) and m is not model.head_drop:
             assert m.p == 0.25
 
 

@@ -27,7 +27,8 @@ class ImageDataConfig(DataConfig):
     train_size: int = Field(0, ge=0, description="wds, synthetic: training images (sets the epoch length)")
     image_size: int = Field(224, ge=8, description="input size; the model is built for it")
     eval_batch_size: int = Field(0, ge=0, description="global; 0 = 1.5x the training batch")
-    workers: int = Field(-1, ge=-1, description="loader processes per rank; -1 = min(8, cores per rank)")
+    workers: int = Field(-1, ge=-1, description="loader processes per rank; -1 = min(8, the CPUs this rank may "
+                         "use: affinity mask or SLURM_CPUS_PER_TASK, over the ranks sharing them)")
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = Field(0.4, ge=0.0)
     reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
@@ -74,4 +75,5 @@ class ImageNetConfig(RecipeConfig):
             raise ValueError("data.format synthetic needs data.train_size and model.num_classes")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr {self.optim.min_lr} is above optim.lr {self.optim.lr}")
+        self.drop.check_epochs(self.train.epochs)  # before any rank starts: a cutoff the run never reaches
         return self

@@ -1,10 +1,11 @@
 """ImageNet classification with timm models and early / late dropout and stochastic depth (Liu et al. 2023).
 
 The drop rates follow per-step schedules (``trainer/schedules``) applied to the live model before every
-optimizer step; the models are built with every drop-path slot present so that blocks created at rate 0
-still take later rates. Training uses timm's transforms, mixup / cutmix and losses; evaluation sums loss
-and top-1 / top-5 hits over each rank's disjoint share of the validation images, so the reduced numbers
-are exact at any world size.
+optimizer step, at the reference's sites (no classifier-head dropout); the models are built with every drop-path
+slot present so that blocks created at rate 0 still take later rates. Training uses timm's transforms, mixup /
+cutmix and losses; loader workers send uint8 images, normalized (then, for training, randomly erased and mixed)
+on the device. Evaluation sums loss and top-1 / top-5 hits over each rank's disjoint share of the validation
+images, so the reduced numbers are exact at any world size.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.distributed import all_reduce_sums
 from trainer.errors import ConfigError, DataError
 from trainer.recipe import MicroResult, Recipe, TrainStep
-from trainer.schedules import current_rates, prepare_drop_path, set_drop_path, set_dropout
+from trainer.schedules import DropSites, prepare_drop_path
 
 from .config import ImageDataConfig, ImageNetConfig
 from .data.loading import eval_loader, train_loader
 from .data.splits import open_split
 from .data.synthetic import SyntheticSplit
-from .data.transforms import build_transforms
+from .data.transforms import DeviceNormalize, build_erasing, build_transforms
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class ImageNetRecipe(Recipe):
     best_metric = "top1"
     best_mode = "max"
     report_split = "valid"  # ImageNet's labelled test set is not public: validation is what papers report
-    default_precision = "bf16"
+    default_precision = "fp32"  # the reference (facebookresearch/dropout) trains in fp32 without AMP
 
     cfg: ImageNetConfig
 
@@ -45,6 +47,7 @@ class ImageNetRecipe(Recipe):
     def setup(self) -> None:
         d = self.cfg.data
         workers = None if d.workers < 0 else d.workers
+        self.normalize = DeviceNormalize(self.ctx.device)
         self.val_set = self._open("val")
         self.num_classes = self.cfg.model.num_classes or len(getattr(self.val_set, "classes", []))
         if not self.num_classes:
@@ -60,6 +63,8 @@ class ImageNetRecipe(Recipe):
         self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
         self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
         self.mixup = build_mixup(self.cfg.data, self.num_classes)
+        self.erasing = build_erasing(d.reprob, self.ctx.device)
+        self._sites: DropSites | None = None  # the live model's dropout and drop-path modules, found once
         self._applied: tuple[float, float] | None = None  # the scheduled rates last set on the model
         self._carried: dict[str, float] = {}  # and what the model reported carrying then
         self.criterion = self._build_criterion()
@@ -72,8 +77,8 @@ class ImageNetRecipe(Recipe):
             size = d.train_size if split == "train" else max(1, d.train_size // 25)
             return SyntheticSplit(size, d.image_size, self.cfg.model.num_classes)
         if split == "train":
-            tf = build_transforms(d.image_size, True, auto_augment=d.auto_augment, reprob=d.reprob,
-                                  interpolation=d.interpolation, color_jitter=d.color_jitter)
+            tf = build_transforms(d.image_size, True, auto_augment=d.auto_augment, interpolation=d.interpolation,
+                                  color_jitter=d.color_jitter)
             return open_split(d.root, split, tf, format=d.format, shards=d.train_shards, samples=d.train_size or None)
         tf = build_transforms(d.image_size, False, interpolation=d.interpolation, crop_pct=d.crop_pct)
         return open_split(d.root, split, tf, format=d.format, shards=d.val_shards)
@@ -140,7 +145,9 @@ class ImageNetRecipe(Recipe):
         self.loader.set_epoch(epoch, start)
         plan, dev = self.plan, self.ctx.device
         for i, (images, labels, _) in enumerate(self.loader, start + 1):
-            images = images.to(dev, non_blocking=True)
+            images = self.normalize(images.to(dev, non_blocking=True))
+            if self.erasing is not None:  # on normalized values, as timm's; mixup follows in micro_loss
+                images = self.erasing(images)
             labels = labels.to(dev, non_blocking=True)
             if self.cfg.model.channels_last and dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -167,24 +174,39 @@ class ImageNetRecipe(Recipe):
         return MicroResult(loss, {"loss": loss.detach()})
 
     def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
-        """Set this step's scheduled rates on the live model and report the rates it now carries.
+        """Set this step's scheduled rates on the live model; report the rates it now carries and, every
+        ``train.log_every`` steps (beside the engine's ``perf/samples_per_s``), the loader's rate.
 
-        The logged values are read back from the modules (every dropout's p, which must agree, and the last
-        block's drop-path rate), so TensorBoard shows what the model used, not what was meant. The module walks
-        happen only when the schedule moves: the model keeps its rates between steps.
+        The live model's sites are found by one walk at the first step (:class:`DropSites`); later steps only
+        assign to those lists, and only when the schedule moves. The logged rates are read back from the sites
+        (every dropout's p, which must agree, and the last block's drop-path rate), so TensorBoard shows what
+        the model used, not what was meant.
         """
         wanted = (self.dropout_schedule.value(step), self.drop_path_schedule.value(step))
         if wanted != self._applied:
-            set_dropout(engine.module, wanted[0])
-            set_drop_path(engine.module, wanted[1])
-            rates = current_rates(engine.module)
-            dropouts = set(rates["dropout"].values()) | set(rates["dropout_attrs"].values())
+            if self._sites is None:
+                self._sites = DropSites.of(engine.module)
+            self._sites.set_dropout(wanted[0])
+            self._sites.set_drop_path(wanted[1])
+            dropouts = set(self._sites.dropout_rates().values())
             if len(dropouts) > 1:
                 raise RuntimeError(f"dropout modules disagree after the schedule set them: {sorted(dropouts)}")
+            paths = self._sites.drop_path_rates()
             self._carried = {"drop/dropout": dropouts.pop() if dropouts else 0.0,
-                             "drop/drop_path": rates["drop_path"][-1] if rates["drop_path"] else 0.0}
+                             "drop/drop_path": paths[-1] if paths else 0.0}
             self._applied = wanted
-        return dict(self._carried)
+        out = dict(self._carried)
+        if (step + 1) % self.cfg.train.log_every == 0:
+            out.update(self._loader_rate())
+        return out
+
+    def _loader_rate(self) -> dict[str, float]:
+        """``perf/loader_samples_per_s``: images delivered per second the training loop waited on its loader,
+        summed over ranks like ``perf/samples_per_s`` (every rank calls this at the same steps). Far above the
+        training rate, the input pipeline keeps up; near it, training is waiting on data."""
+        rate = self.loader.take_rate()
+        total = all_reduce_sums({"rate": rate or 0.0}, self.ctx)["rate"]
+        return {} if rate is None else {"perf/loader_samples_per_s": total}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, split: str, mode: str = "standard") -> dict[str, float]:
@@ -196,7 +218,8 @@ class ImageNetRecipe(Recipe):
         for images, labels, _ in self.val_loader:
             if images.size(0) == 0:
                 continue
-            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            images = self.normalize(images.to(dev, non_blocking=True))
+            labels = labels.to(dev, non_blocking=True)
             if self.cfg.model.channels_last and dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images.to(dtype)).float()

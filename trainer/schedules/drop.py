@@ -26,8 +26,10 @@ _SHAPES = ("constant", "linear")
 class DropSchedule:
     """One drop rate as a function of the optimizer step.
 
-    ``cutoff_epoch`` may exceed ``epochs`` (the early phase then covers the whole run); steps
-    past the run keep the last scheduled value so an extra step cannot crash training.
+    A config never asks for a ``cutoff_epoch`` at or past ``epochs`` (:meth:`DropConfig.check_epochs`
+    rejects it when the config is validated); built directly, a schedule treats such a cutoff as an
+    early or late phase covering the whole run. Steps past the run keep the last scheduled value so
+    an extra step cannot crash training.
     """
 
     base: float
@@ -91,6 +93,17 @@ class DropSchedule:
         return f"{self.base:g} until epoch {self.cutoff_epoch}, then 0"
 
 
+_WHAT = {"dropout": "dropout", "drop_path": "stochastic depth"}
+
+
+def _check_cutoff(key: str, mode: str, cut: int, epochs: int, what: str) -> None:
+    """An early phase that never ends, or a late one that never starts, is a mistake, not a schedule."""
+    if mode != "standard" and cut >= epochs:
+        never = "never end" if mode == "early" else "never start"
+        raise ValueError(f"drop.{key}={cut} is not before train.epochs={epochs}: {mode} {what} would {never}; "
+                         f"lower drop.{key} below {epochs} or raise train.epochs")
+
+
 class DropConfig(Section):
     """Dropout and stochastic-depth rates with their early/late schedules.
 
@@ -106,7 +119,7 @@ class DropConfig(Section):
     schedule: Shape = Field("constant", description="early phase shape: constant, or linear decay to 0 at the "
                             "cutoff; late allows constant only; ignored by standard")
     cutoff_epoch: int = Field(0, ge=0, description="epoch where early dropout ends / late dropout starts; "
-                              ">= 1 for early and late")
+                              "1 .. train.epochs-1 for early and late")
     dropout_mode: Mode | None = Field(None, description="dropout's mode; None = mode")
     drop_path_mode: Mode | None = Field(None, description="stochastic depth's mode; None = mode")
     dropout_schedule: Shape | None = Field(None, description="dropout's schedule; None = schedule")
@@ -134,6 +147,17 @@ class DropConfig(Section):
                 raise ValueError(f"{cut_key}: {mode_key} '{mode}' needs a cutoff epoch >= 1")
         return self
 
+    def check_epochs(self, epochs: int) -> None:
+        """Raise ValueError naming both keys if an early or late cutoff is not before ``train.epochs``.
+
+        A recipe config calls it from its own validator, where ``train.epochs`` is known. A kind whose rate is 0
+        is not checked: its schedule is 0 whatever the cutoff (e.g. a dropout baseline of an early-dropout recipe).
+        """
+        for kind in ("dropout", "drop_path"):
+            (_, mode), _, (cut_key, cut) = self._resolve(kind)
+            if getattr(self, kind) > 0:
+                _check_cutoff(cut_key, mode, cut, epochs, _WHAT[kind])
+
     def _schedule_for(self, kind: str, epochs: int, steps_per_epoch: int) -> DropSchedule:
         (_, mode), (_, shape), (_, cut) = self._resolve(kind)
         return DropSchedule(base=getattr(self, kind), mode=mode, shape=shape, cutoff_epoch=cut,
@@ -154,7 +178,8 @@ class DropTiming(Section):
                        "cutoff_epoch; late: only from cutoff_epoch")
     schedule: Shape = Field("constant", description="early phase shape: constant, or linear decay to 0 at the "
                             "cutoff; late allows constant only")
-    cutoff_epoch: int = Field(0, ge=0, description="epoch where early dropout ends / late dropout starts")
+    cutoff_epoch: int = Field(0, ge=0, description="epoch where early dropout ends / late dropout starts; "
+                              "1 .. train.epochs-1 for early and late")
 
     @model_validator(mode="after")
     def _check(self) -> DropTiming:
@@ -163,6 +188,11 @@ class DropTiming(Section):
         if self.mode != "standard" and self.cutoff_epoch == 0:
             raise ValueError(f"cutoff_epoch: mode '{self.mode}' needs a cutoff epoch >= 1")
         return self
+
+    def check_epochs(self, epochs: int) -> None:
+        """Raise ValueError naming both keys if an early or late cutoff is not before ``train.epochs``
+        (called from the recipe config's validator, where ``train.epochs`` is known)."""
+        _check_cutoff("cutoff_epoch", self.mode, self.cutoff_epoch, epochs, "dropout")
 
     def schedule_for(self, base: float, epochs: int, steps_per_epoch: int) -> DropSchedule:
         return DropSchedule(base=base, mode=self.mode, shape=self.schedule, cutoff_epoch=self.cutoff_epoch,

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.distributed import DistContext
+from trainer.distributed import DistContext, usable_cpus
 from trainer.errors import DataError
 
 from .folder import FolderSplit
@@ -22,7 +23,12 @@ from .synthetic import SyntheticSplit
 
 log = logging.getLogger(__name__)
 
-PREFETCH_FACTOR = 4
+# Batches each worker keeps ready. The input rate is set by the worker count, not by this: the queue only absorbs
+# a slow batch (large JPEGs, RandAugment's costlier ops) on one worker while the others go on, and workers x 2
+# batches is already that many steps of slack. Each queued batch sits in shared memory: at the paper's 128 images
+# per rank and 224 px, 8 workers x 2 x 19 MB (uint8) = 0.3 GB per rank.
+PREFETCH_FACTOR = 2
+MAX_WORKERS = 8  # per rank: decoding and RandAugment at ~10 ms an image on one core
 
 
 class Batch(NamedTuple):
@@ -30,7 +36,7 @@ class Batch(NamedTuple):
     ``skipped`` rather than ending a multi-day run; workers are separate processes, so the count travels with the
     batch, and :class:`EpochLoader` keeps a running total the recipe can reduce over ranks."""
 
-    images: torch.Tensor  # (n, C, H, W) with n <= the batch size: undecodable images are dropped
+    images: torch.Tensor  # (n, C, H, W) uint8 with n <= the batch size: undecodable images are dropped
     labels: torch.Tensor  # (n,) int64
     skipped: int  # undecodable images dropped from this batch
 
@@ -45,7 +51,8 @@ class SkipCollate:
         good = [s for s in samples if s is not None]
         skipped = len(samples) - len(good)
         if not good:
-            return Batch(torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.int64), skipped)
+            return Batch(torch.empty((0, *self.image_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                         skipped)
         return Batch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.int64),
                      skipped)
 
@@ -54,8 +61,10 @@ class EpochLoader:
     """A DataLoader kept for the whole run, so persistent workers outlive epochs; ``set_epoch`` re-aims it.
 
     Iterating yields :class:`Batch` es and adds their ``skipped`` to ``self.skipped`` (this rank's running
-    total; reduce it over ranks to report). ``len()`` is the batches left in the epoch after ``start_batch``;
-    for ``wds`` evaluation it is unknown and ``len()`` raises TypeError.
+    total; reduce it over ranks to report). It also counts the images delivered and the seconds the consumer
+    spent waiting for them, which :meth:`take_rate` turns into the input pipeline's rate. ``len()`` is the
+    batches left in the epoch after ``start_batch``; for ``wds`` evaluation it is unknown and ``len()`` raises
+    TypeError.
     """
 
     def __init__(self, loader: DataLoader, steps_per_epoch: int | None, on_epoch: Callable[[int, int], None]):
@@ -65,6 +74,8 @@ class EpochLoader:
         self.epoch = 0
         self.start_batch = 0
         self.skipped = 0
+        self._delivered = 0
+        self._waited = 0.0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Call before iterating; ``start_batch`` batches of ``epoch`` are skipped (a mid-epoch resume)."""
@@ -81,15 +92,47 @@ class EpochLoader:
         return self.steps_per_epoch - self.start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
+        t0 = time.perf_counter()
+        for batch in self.loader:  # the time to the next batch is what the consumer waits for it
+            self._waited += time.perf_counter() - t0
+            self._delivered += len(batch.labels)
             self.skipped += batch.skipped
             yield batch
+            t0 = time.perf_counter()
+
+    def take_rate(self) -> float | None:
+        """Images delivered per second of waiting for them since the last call (None if none came), then reset.
+
+        How fast the input pipeline could feed the consumer: far above the training rate, the loader keeps up;
+        near it, training waits on data.
+        """
+        n, waited = self._delivered, self._waited
+        self._delivered, self._waited = 0, 0.0
+        return n / max(waited, 1e-9) if n else None
+
+
+def cpus_per_rank() -> int:
+    """The CPUs this rank may use: its Slurm task's (``SLURM_CPUS_PER_TASK``, else the affinity mask of a
+    container or ``taskset``; never the machine's count) over the ranks that share them.
+
+    A Slurm task started per rank (this project's sweeps) keeps its allocation; ranks a launcher started inside
+    one task or on one host (deepspeed, torchrun) share it: ``WORLD_SIZE / SLURM_NTASKS`` ranks per task, or
+    ``LOCAL_WORLD_SIZE`` outside Slurm.
+    """
+    cpus = usable_cpus()
+    env = os.environ
+    world = int(env.get("WORLD_SIZE") or 1)
+    tasks = env.get("SLURM_NTASKS", "")
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit() and tasks.isdigit() and int(tasks) > 0:
+        sharing = world // int(tasks)
+    else:
+        sharing = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    return max(1, cpus // max(1, sharing))
 
 
 def default_workers() -> int:
-    """Split the host's cores between its ranks, at most 8 per rank (enough to keep a GPU fed at ViT sizes)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    return min(8, (os.cpu_count() or 1) // max(1, local))
+    """Loader processes per rank: its CPUs (:func:`cpus_per_rank`), at most ``MAX_WORKERS``."""
+    return min(MAX_WORKERS, cpus_per_rank())
 
 
 def _dataloader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: int, seed: int, *,

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-
-def mix_seeds(*parts: int) -> int:
-    """One 63-bit seed from several ints, so (seed, epoch) pairs cannot collide the way ``seed + epoch`` does."""
-    state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
+from trainer.rng import mix_seeds
 
 
 AUGMENT = 4  # the last mix_seeds part of augmentation seeds (0-3 seed the data order and the loader)

@@ -25,7 +25,9 @@ class SyntheticSplit(Dataset):
         self.size = size
         self.classes = [f"class_{c}" for c in range(num_classes)]
         self.image_shape = (3, image_size, image_size)
-        self._image = torch.randn(self.image_shape, generator=torch.Generator().manual_seed(0))
+        # uint8, as the decoding splits give it: the recipe normalizes every batch on the device
+        self._image = torch.randint(0, 256, self.image_shape, dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return self.size
