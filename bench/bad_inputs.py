@@ -50,7 +50,8 @@ def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedPro
 
 
 def snapshot(paths: list[Path]) -> dict[str, str]:
-    """md5 of every file under ``paths``: what a refused command must leave exactly as it was."""
+    """md5 of every file under ``paths``: what a refused command must leave exactly as it was (no file changed,
+    removed or added)."""
     out = {}
     for root in paths:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -85,10 +86,12 @@ def train_shared(root: Path) -> Shared:
 # ------------------------------------------------------------------ the cases
 @dataclass
 class Prepared:
-    """What a case's setup made: the arguments, the run directories that must not change, a socket to hold."""
+    """What a case's setup made: the arguments, what the command must leave alone (``guard``: files and directories
+    that must stay exactly as they are; ``absent``: paths that must not appear), a socket to hold."""
 
     args: list[str]
     guard: list[Path] = field(default_factory=list)
+    absent: list[Path] = field(default_factory=list)
     port: int | None = None
     hold: socket.socket | None = None
 
@@ -127,19 +130,22 @@ GARBLED = b"the cat \xff\xfe\x00\x81 sat on\n" * 50  # invalid UTF-8
 
 def _new(*sets: str, recipe: str = "awd_ptb"):
     def setup(scratch: Path, shared: Shared) -> Prepared:
-        return Prepared(["--recipe", recipe, "--run-dir", str(scratch / "run"), "--set", *TINY_AWD, *sets])
+        return Prepared(["--recipe", recipe, "--run-dir", str(scratch / "run"), "--set", *TINY_AWD, *sets],
+                        absent=[scratch / "run"])
     return setup
 
 
 def _missing_data(scratch: Path, shared: Shared) -> Prepared:
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
-                     f"data.root={scratch / 'nowhere'}", "data.download=false"])
+                     f"data.root={scratch / 'nowhere'}", "data.download=false"],
+                    absent=[scratch / "run", scratch / "nowhere"])
 
 
 def _empty_data(scratch: Path, shared: Shared) -> Prepared:
     (scratch / "empty" / "ptb").mkdir(parents=True)
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
-                     f"data.root={scratch / 'empty'}", "data.download=false"])
+                     f"data.root={scratch / 'empty'}", "data.download=false"],
+                    guard=[scratch / "empty"], absent=[scratch / "run"])
 
 
 def _garbled(verify: bool, content: bytes = GARBLED):
@@ -147,7 +153,7 @@ def _garbled(verify: bool, content: bytes = GARBLED):
         root = ptb_copy(scratch, content)
         return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
                          f"data.root={root}", f"data.verify={str(verify).lower()}", "data.download=false"],
-                        guard=[root])
+                        guard=[root], absent=[scratch / "run"])
     return setup
 
 
@@ -166,7 +172,7 @@ def _finetune_from(which: str, *sets: str):
     def setup(scratch: Path, shared: Shared) -> Prepared:
         source = copy_run(shared.awd_run if which == "awd" else shared.image_run, scratch, "source")
         return Prepared(["--recipe", "awd_ptb_finetune", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD,
-                         f"train.init_from={source}", *sets], guard=[source])
+                         f"train.init_from={source}", *sets], guard=[source], absent=[scratch / "run"])
     return setup
 
 
@@ -187,7 +193,8 @@ def _truncated_checkpoint(tag: str, script: str):
 def _bad_yaml(scratch: Path, shared: Shared) -> Prepared:
     bad = scratch / "bad.yaml"
     bad.write_text("model:\n  nhid: [48\n")
-    return Prepared(["--recipe", "awd_ptb", "--config", str(bad), "--run-dir", str(scratch / "run")], guard=[bad])
+    return Prepared(["--recipe", "awd_ptb", "--config", str(bad), "--run-dir", str(scratch / "run")], guard=[bad],
+                    absent=[scratch / "run"])
 
 
 def _resume_without_checkpoint(scratch: Path, shared: Shared) -> Prepared:
@@ -227,7 +234,7 @@ def _bad_hostfile(scratch: Path, shared: Shared) -> Prepared:
     sweep = scratch / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"recipe": "awd_ptb", "sweep_dir": str(scratch / "out"), "hostfile": str(hostfile),
                                      "base": {"model.nhid": 48}, "grid": {"seed": [1, 2]}}))
-    return Prepared([str(sweep), "--backend", "hostfile"], guard=[hostfile, sweep])
+    return Prepared([str(sweep), "--backend", "hostfile"], guard=[hostfile, sweep], absent=[scratch / "out"])
 
 
 def _port_in_use(scratch: Path, shared: Shared) -> Prepared:
@@ -236,7 +243,13 @@ def _port_in_use(scratch: Path, shared: Shared) -> Prepared:
     hold.listen()
     port = hold.getsockname()[1]
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(scratch / "run"), "--set", *TINY_AWD],
-                    port=port, hold=hold)
+                    absent=[scratch / "run"], port=port, hold=hold)
+
+
+def _unknown_model(scratch: Path, shared: Shared) -> Prepared:
+    images = make_image_folder(scratch / "images")
+    return Prepared(["--recipe", "vit_t", "--run-dir", str(scratch / "run"), "--set", f"data.root={images}",
+                     *TINY_VIT, "model.name=vit_tiny_patch16_22"], guard=[images], absent=[scratch / "run"])
 
 
 def _corrupt_jpeg(scratch: Path, shared: Shared) -> Prepared:
@@ -246,9 +259,11 @@ def _corrupt_jpeg(scratch: Path, shared: Shared) -> Prepared:
 
 
 CASES: list[Case] = [
-    Case("unknown recipe", "train.py", lambda s, _: Prepared(["--recipe", "awd_ptbb"]),
+    Case("unknown recipe", "train.py", lambda s, _: Prepared(["--recipe", "awd_ptbb", "--run-dir", str(s / "run")],
+                                                             absent=[s / "run"]),
          ("unknown recipe 'awd_ptbb'", "did you mean 'awd_ptb'", "--list-recipes")),
-    Case("no recipe", "train.py", lambda s, _: Prepared([]), ("--recipe NAME", "--list-recipes")),
+    Case("no recipe", "train.py", lambda s, _: Prepared(["--run-dir", str(s / "run")], absent=[s / "run"]),
+         ("--recipe NAME", "--list-recipes")),
     Case("unknown config key", "train.py", _new("model.nhidd=3"),
          ("unknown key 'model.nhidd'", "did you mean 'model.nhid'")),
     Case("wrong type", "train.py", _new("model.nhid=abc"), ("model.nhid", "integer", "'abc'", "correct it where it is set")),
@@ -285,7 +300,7 @@ CASES: list[Case] = [
          ("checkpoints/best is damaged", "mp_rank_00_model_states.pt", "truncated", "pick another --checkpoint"),
          needs_shared=True),
     Case("resume a directory that does not exist", "train.py",
-         lambda s, _: Prepared(["--run-dir", str(s / "nothing"), "--resume"]),
+         lambda s, _: Prepared(["--run-dir", str(s / "nothing"), "--resume"], absent=[s / "nothing"]),
          ("nothing has no config.yaml", "point --run-dir at a training run")),
     Case("evaluate a checkpoint that does not exist", "evaluate.py", _evaluate_missing_tag,
          ("no 'step_00000099' checkpoint", "pick another --checkpoint"), needs_shared=True),
@@ -301,6 +316,8 @@ CASES: list[Case] = [
          ("hostfile", "line 2", "node-02 gpus=2", "slots=")),
     Case("port already in use (2 ranks)", "train.py", _port_in_use,
          ("is already in use", "MASTER_PORT", "--master_port"), ranks=2),
+    Case("unknown timm model", "train.py", _unknown_model,
+         ("vit_tiny_patch16_22", "did you mean 'vit_tiny_patch16_224'")),
     Case("corrupt JPEG in train/ (skipped, counted)", "train.py", _corrupt_jpeg,
          ("skipping unreadable image", "broken.JPEG"), succeeds=True),
 ]
@@ -330,6 +347,10 @@ class Outcome:
 
 def run_case(case: Case, scratch: Path, shared: Shared | None = None, timeout: float = 600) -> Outcome:
     prepared = case.setup(Path(scratch), shared)
+    if not prepared.guard and not prepared.absent:
+        raise ValueError(f"bad-input case {case.name!r} names nothing it must leave alone")
+    if any(p.exists() for p in prepared.absent):
+        raise ValueError(f"bad-input case {case.name!r}: a path that must not appear exists before the command")
     before = snapshot(prepared.guard)
     try:
         proc = run_command(command(case.script, prepared.args, case.ranks, prepared.port), timeout)
@@ -337,7 +358,8 @@ def run_case(case: Case, scratch: Path, shared: Shared | None = None, timeout: f
         if prepared.hold is not None:
             prepared.hold.close()
     after = snapshot(prepared.guard)
-    changed = sorted(f for f, h in before.items() if after.get(f) != h)
+    changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+    changed += [f"{p} (appeared)" for p in prepared.absent if p.exists() and not case.succeeds]
     out = proc.stdout + proc.stderr
     return Outcome(
         returncode=proc.returncode,

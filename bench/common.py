@@ -59,7 +59,10 @@ def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | Non
     (cores / local ranks) applies whatever the caller's shell exports; an int pins it.
     """
     port = free_port()
+    from trainer.distributed import interpreter_path  # the same ninja as every other run (or the op rebuilds)
+
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PATH"] = interpreter_path(env.get("PATH"))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"

@@ -56,9 +56,9 @@ def test_resume_on_one_rank_continues_averaging(averaged_run, tmp_path):
     assert (last["step"], last["asgd_averaged_steps"], last["asgd_start_step"]) == (50, 36.0, 15)
 
 
-def pointer_ppl(run_dir, ranks, batch_size):
+def pointer_ppl(run_dir, ranks, batch_size, window=500):
     args = ["--run-dir", str(run_dir), "--split", "valid", "--checkpoint", "latest", "--pointer", "--set",
-            "pointer.window=500", f"pointer.batch_size={batch_size}"]
+            f"pointer.window={window}", f"pointer.batch_size={batch_size}"]
     return metric_value(check(launch("evaluate.py", args, ranks=ranks)), "ppl")
 
 
@@ -67,15 +67,15 @@ def test_pointer_lowers_perplexity(averaged_run):
     plain = metric_value(check(launch("evaluate.py", args)), "ppl")
     pointer = pointer_ppl(averaged_run, 1, 1)
     assert pointer < 0.95 * plain, (pointer, plain)
-    assert pointer_ppl(averaged_run, 2, 1) == pytest.approx(pointer, rel=1e-9)  # rank 1 has no stream: adds 0
     modes = [r["mode"] for r in map(json.loads, (averaged_run / "metrics.jsonl").read_text().splitlines())
              if r.get("source") == "evaluate"]
     assert "pointer" in modes
 
 
 def test_pointer_streams_split_over_ranks_give_the_one_rank_perplexity(averaged_run):
-    """3 streams: 2 on rank 0 and 1 on rank 1 against all 3 on one rank (float32 rounding of batched matmuls)."""
-    assert pointer_ppl(averaged_run, 2, 3) == pytest.approx(pointer_ppl(averaged_run, 1, 3), rel=1e-6)
+    """3 streams: 2 on rank 0 and 1 on rank 1 against all 3 on one rank (float32 rounding of batched matmuls; a
+    short window keeps it quick, the split is what is tested)."""
+    assert pointer_ppl(averaged_run, 2, 3, 100) == pytest.approx(pointer_ppl(averaged_run, 1, 3, 100), rel=1e-6)
 
 
 def test_finetune_starts_from_the_best_weights_and_averages_from_step_one(averaged_run, tmp_path):

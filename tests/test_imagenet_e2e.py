@@ -115,6 +115,7 @@ def test_unknown_model_is_a_one_line_error(images, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc)
     assert "vit_tiny_patch16_22" in line and "did you mean 'vit_tiny_patch16_224'" in line
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_missing_image_folder_is_a_one_line_error(tmp_path):

@@ -141,15 +141,15 @@ class Trainer:
         self.init_tag = init_tag = None
         if cfg.train.init_from and not resume_tag:  # likewise, a refused source creates no run directory
             self.init_tag = init_tag = self._check_init_source(cfg.train.init_from, cfg.train.init_checkpoint)
+        seed_everything(cfg.seed)  # identical initial weights whatever the world size
+        model = self.recipe.build_model()  # before the run directory: a refused model (model.name) leaves none
+        if init_tag:
+            load_weights(model, RunDir(cfg.train.init_from).checkpoints, init_tag)
+            log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
         if ctx.is_main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
             run_dir.config.write_text(to_yaml(cfg))
         barrier(ctx)
-        seed_everything(cfg.seed)  # identical initial weights whatever the world size
-        model = self.recipe.build_model()
-        if init_tag:
-            load_weights(model, RunDir(cfg.train.init_from).checkpoints, init_tag)
-            log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
         self.analysis = None
         if cfg.analysis.enabled:  # before DeepSpeed: the initial copy must be the fp32 initialization
             self.analysis = GradientAnalysis(cfg.analysis, model, ctx, seed=cfg.seed)
@@ -165,7 +165,7 @@ class Trainer:
         )
         if self.analysis is not None:
             self._analysis_grad = make_grad_fn(self.recipe, self.engine, ctx.device)
-        seed_everything(cfg.seed + 1000003 * ctx.rank)  # independent dropout masks per rank
+        seed_everything(cfg.seed + 1000003 * ctx.rank)  # per-rank streams (timm's dropout, mixup; AWD-LSTM keys its own)
         self.monitor = Monitor(run_dir, ctx, self.engine.monitor)
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
         self.averager = build_averager(cfg.optim, self.engine.module, ctx)
