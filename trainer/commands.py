@@ -100,8 +100,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from .monitor import Monitor, setup_console_logging
     from .rng import seed_everything
 
+    from .precision import apply_precision
+
     ctx = init_distributed()
     setup_console_logging(ctx)
+    apply_precision("tf32" if cfg.train.precision == "tf32" else "fp32")  # the fp32 weights, in IEEE fp32 unless asked
     recipe = spec.factory(cfg, ctx, None)
     recipe.setup()
     check_signature(recipe.checkpoint_signature(), saved, tag)
