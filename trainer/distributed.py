@@ -83,16 +83,29 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpus_per_rank() -> int:
+    """The CPUs this rank may use: its Slurm task's (``SLURM_CPUS_PER_TASK``, else the affinity mask of a
+    container or ``taskset``; never the machine's count) over the ranks that share them.
+
+    A Slurm task started per rank (this project's sweeps) keeps its allocation; ranks a launcher started inside
+    one task or on one host (deepspeed, torchrun) share it: ``WORLD_SIZE / SLURM_NTASKS`` ranks per task, or
+    ``LOCAL_WORLD_SIZE`` outside Slurm.
+    """
+    cpus = usable_cpus()
+    env = os.environ
+    world = int(env.get("WORLD_SIZE") or 1)
+    tasks = env.get("SLURM_NTASKS", "")
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit() and tasks.isdigit() and int(tasks) > 0:
+        sharing = world // int(tasks)
+    else:
+        sharing = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    return max(1, cpus // max(1, sharing))
+
+
 def _share_cpu_threads() -> None:
-    """CPU ranks split the CPUs they may use instead of each taking all of them: a Slurm task keeps its own
-    allocation, ranks a launcher started on one host share that host's."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        torch.set_num_threads(usable_cpus())
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, usable_cpus() // max(1, local)))
+    """CPU ranks split the CPUs they may use (:func:`cpus_per_rank`) instead of each taking all of them."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpus_per_rank())
 
 
 def device_index(local_rank: int, visible: int) -> int:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .probability import check_probability
+
 
 def embedding_dropout(embed: nn.Embedding, words: Tensor, p: float, training: bool,
                       mask: Optional[Tensor] = None) -> Tensor:
@@ -22,7 +24,7 @@ def embedding_dropout(embed: nn.Embedding, words: Tensor, p: float, training: bo
     Note: with ``max_norm`` set, ``F.embedding`` renormalises the *masked copy*
     in place during training, not ``embed.weight`` itself.
     """
-    _check(p)
+    check_probability(p)
     weight = embed.weight
     if training and p > 0.0:
         if p == 1.0:
@@ -45,12 +47,7 @@ def embedding_dropout(embed: nn.Embedding, words: Tensor, p: float, training: bo
 def embedding_mask(ntoken: int, p: float, dtype: torch.dtype, device: torch.device,
                    generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
     """A (ntoken, 1) keep-mask over word types scaled by 1/(1-p); None where nothing is dropped."""
-    _check(p)
+    check_probability(p)
     if p == 0.0 or p == 1.0:
         return None
     return torch.empty(ntoken, 1, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
-
-
-def _check(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")

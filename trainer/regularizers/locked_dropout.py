@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .probability import check_probability
+
 
 class LockedDropout(nn.Module):
     """Dropout whose mask is shared across all time steps.
@@ -20,7 +22,7 @@ class LockedDropout(nn.Module):
     """
 
     def forward(self, x: Tensor, p: float, mask: Optional[Tensor] = None) -> Tensor:
-        _check(p)
+        check_probability(p)
         if not self.training or p == 0.0:
             return x
         if p == 1.0:
@@ -35,13 +37,8 @@ class LockedDropout(nn.Module):
     def draw_mask(batch: int, width: int, p: float, dtype: torch.dtype, device: torch.device,
                   generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
         """A (1, batch, width) keep-mask scaled by 1/(1-p); None where nothing is dropped."""
-        _check(p)
+        check_probability(p)
         if p == 0.0 or p == 1.0:
             return None
         mask = torch.empty(1, batch, width, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator)
         return mask.div_(1.0 - p)
-
-
-def _check(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.distributed import DistContext, usable_cpus
+from trainer.distributed import DistContext, cpus_per_rank
 from trainer.errors import DataError
 
 from .folder import FolderSplit
@@ -109,25 +108,6 @@ class EpochLoader:
         n, waited = self._delivered, self._waited
         self._delivered, self._waited = 0, 0.0
         return n / max(waited, 1e-9) if n else None
-
-
-def cpus_per_rank() -> int:
-    """The CPUs this rank may use: its Slurm task's (``SLURM_CPUS_PER_TASK``, else the affinity mask of a
-    container or ``taskset``; never the machine's count) over the ranks that share them.
-
-    A Slurm task started per rank (this project's sweeps) keeps its allocation; ranks a launcher started inside
-    one task or on one host (deepspeed, torchrun) share it: ``WORLD_SIZE / SLURM_NTASKS`` ranks per task, or
-    ``LOCAL_WORLD_SIZE`` outside Slurm.
-    """
-    cpus = usable_cpus()
-    env = os.environ
-    world = int(env.get("WORLD_SIZE") or 1)
-    tasks = env.get("SLURM_NTASKS", "")
-    if env.get("SLURM_CPUS_PER_TASK", "").isdigit() and tasks.isdigit() and int(tasks) > 0:
-        sharing = world // int(tasks)
-    else:
-        sharing = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
-    return max(1, cpus // max(1, sharing))
 
 
 def default_workers() -> int:
