@@ -25,7 +25,7 @@ def progress(run) -> None:
     if rows:
         last = rows[-1]
         print(f"  step {last['step']} epoch {last['epoch']:.2f} loss {last['loss']:.3f} "
-              f"tokens/s {last['tokens_per_s']:.0f}", flush=True)
+              f"tokens/s {last['tokens_per_s']:.0f}", file=sys.stderr, flush=True)
 
 
 def main() -> int:

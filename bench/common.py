@@ -59,6 +59,17 @@ def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | Non
     (cores / local ranks) applies whatever the caller's shell exports; an int pins it.
     """
     port = free_port()
+    env = run_env(threads)
+    args = ["launch/train.py", "--recipe", recipe, "--run-dir", str(run_dir), "--set", *sets]
+    if ranks == 1:
+        env["MASTER_PORT"] = str(port)
+        return [sys.executable, *args], env
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), *args], env
+
+
+def run_env(threads: int | None = None) -> dict:
+    """The environment of a launched process (a run, or a benchmark's own helper process), so both get the same
+    CPU threads: ``threads=None`` drops OMP_NUM_THREADS, an int pins it."""
     from trainer.distributed import interpreter_path  # the same ninja as every other run (or the op rebuilds)
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -66,11 +77,7 @@ def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | Non
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
-    args = ["launch/train.py", "--recipe", recipe, "--run-dir", str(run_dir), "--set", *sets]
-    if ranks == 1:
-        env["MASTER_PORT"] = str(port)
-        return [sys.executable, *args], env
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), *args], env
+    return env
 
 
 def shell_line(cmd: list[str]) -> str:
@@ -204,3 +211,92 @@ def machine_line() -> str:
 
     return (f"{os.cpu_count()} CPUs ({model}), torch {version('torch')}, deepspeed {version('deepspeed')}, "
             f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+# ---------------------------------------------------------------- reporting: what every benchmark prints
+# stdout is the report (BENCHMARKS.md holds it verbatim: bench/report.py); progress goes to stderr.
+
+def progress(*parts) -> None:
+    """A progress line: to stderr, so that it stays out of the recorded report."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def header(*notes: str) -> None:
+    """The report's first lines: machine, versions, date and the benchmark's settings, then its own command."""
+    print(" | ".join([machine_line(), *notes]))
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    print("command: python", " ".join([script, *sys.argv[1:]]), flush=True)
+
+
+def legend(doc: str) -> None:
+    """A benchmark's docstring up to its usage lines (``python bench/...``): what its configurations and columns
+    mean, printed beside its tables so that the output reads on its own."""
+    lines = []
+    for line in doc.strip("\n").splitlines():
+        if line.lstrip().startswith("python bench/"):
+            break
+        lines.append(line)
+    print("\n" + "\n".join(lines).rstrip(), flush=True)
+
+
+def round_order(items: list, r: int) -> list:
+    """Round ``r``'s order of interleaved configurations: reversed every other round, so that a drift in the
+    machine's load falls on all of them alike."""
+    return list(items) if r % 2 == 0 else list(items)[::-1]
+
+
+def median_ci(xs, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics x(k), x(n+1-k) with the largest
+    k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least ``level``. It narrows as rounds are added, unlike the
+    rounds' own spread. Below 6 values no k reaches 95%: then (min, max)."""
+    from math import comb
+
+    xs = sorted(xs)
+    n, k = len(xs), 1
+    if not n:
+        return float("nan"), float("nan")
+    while k < (n + 1) // 2 and 1 - 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n >= level:
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
+def pct(x: float) -> str:
+    return f"{x:+.2%}"
+
+
+def pct_range(lo: float, hi: float) -> str:
+    return f"{pct(lo)} .. {pct(hi)}"
+
+
+def ratio_span(xs) -> str:
+    """Ratios' min .. max (e.g. of per-round ratios)."""
+    xs = list(xs)
+    return f"{min(xs):.3f} .. {max(xs):.3f}"
+
+
+def judge(lo: float, hi: float, budget: float) -> str:
+    """A cost against its budget from its spread: PASS when the upper end is within it; INCONCLUSIVE when it is not
+    but the spread is wider than the budget (the noise hides the answer: more rounds or a quieter machine); FAIL
+    otherwise."""
+    if hi <= budget:
+        return "PASS"
+    return "INCONCLUSIVE" if hi - lo > budget else "FAIL"
+
+
+def verdict(what: str, results: list[str]) -> int:
+    """Prints ``verdict: WHAT: PASS|FAIL|INCONCLUSIVE`` (all rows must pass) and returns the exit status, 0 on PASS."""
+    overall = "PASS" if all(r == "PASS" for r in results) else "FAIL" if "FAIL" in results else "INCONCLUSIVE"
+    print(f"\nverdict: {what}: {overall}", flush=True)
+    return 0 if overall == "PASS" else 1
+
+
+def jpeg_like_photo(rng, width: int, height: int):
+    """A PIL image that compresses like a photograph (smooth random colour field plus sensor-like noise: ~40-80 kB
+    as a quality-90 JPEG at ImageNet's ~500x375), so decoding costs what ImageNet's does."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
+    field = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    noise = rng.integers(-20, 20, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(field) + noise, 0, 255).astype(np.uint8))

@@ -1,18 +1,12 @@
 #!/usr/bin/env python
 """Faults injected into real 2-rank ``awd_ptb`` runs, each followed by ``--resume``: what was lost, what was
-shown, how long the job took to end.
+shown, how long the job took to end. Every cell is measured from the runs; the legend the script prints says how.
 
-For every scenario: start a small run (checkpoint every 5 steps, a log line every step), inject the fault once
-it has logged step 7 or so, wait for every process of the job to exit, then resume it for two more steps.
-Reported per scenario:
-
-  exit s          from the fault to the last process of the job gone
-  exit code       of the rank-0 side (the launcher or, for two nodes, node 0's launcher)
-  steps lost      steps finished before the fault minus the step the resume started from
-  tracebacks      "Traceback" anywhere in the output of the faulty run and of its resume
-  data lost       metrics.jsonl lines written before the fault missing afterwards, plus checkpoints that
-                  verified before the fault and no longer do
-  resumed         the resume ran to its end and continued at the step after its checkpoint
+For every scenario: start a small run (checkpoint every 5 steps, a log line every step), snapshot its data
+(``metrics.jsonl`` lines, every file of every checkpoint that verifies, with its SHA-256), inject the fault, wait
+for every process of the job to exit, resume it for two more steps and compare the data with the snapshot.
+Progress goes to standard error; standard output is the report (header, table, notes, legend, verdict), and the
+exit status is 1 when the verdict fails.
 
     python bench/faults.py [--only NAME,...] [--lost-rank-timeout 60]
 """
@@ -20,12 +14,16 @@ Reported per scenario:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -33,13 +31,15 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (BIN, cleanup, free_port, machine_line, markdown_table, read_metrics, scratch_dir,  # noqa
-                          short_eval_data)
+from bench.common import BIN, cleanup, free_port, machine_line, markdown_table, scratch_dir, short_eval_data  # noqa
 from bench.two_nodes import TwoNodes  # noqa: E402
-from trainer.checkpoint import step_tags, verify  # noqa: E402
+from trainer.checkpoint import BEST, MODEL_STATES, read_latest_tag, step_tags, verify  # noqa: E402
 from trainer.distributed import launcher_env  # noqa: E402
 
-FAULT_STEP = 7
+FAULT_STEP = 7  # faults from outside come once the run has logged this step
+# faults the run injects into itself (TRAINER_FAULTS) come at this step: their snapshot (see own_fault) reaches
+# step OWN_STEP - 3, a step past the checkpoint of step 5: a step's time to take in that checkpoint
+OWN_STEP = FAULT_STEP + 2
 
 
 def base_sets(data_root: Path, timeout_s: float) -> list[str]:
@@ -88,8 +88,22 @@ class Job:
         return time.monotonic()
 
 
+# ------------------------------------------------------------------------------------------------ what a run wrote
+def metrics_lines(run_dir: Path) -> list[str]:
+    """The complete lines of ``metrics.jsonl``; one being appended right now is left for the next read."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+def train_steps(lines: list[str], trained: bool = True) -> list[int]:
+    """Steps of the train lines; ``trained``: only those with a loss (a skipped step's line has none)."""
+    rows = (json.loads(line) for line in lines)
+    return [r["step"] for r in rows if r.get("split") == "train" and ("loss" in r or not trained)]
+
+
 def logged_steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir, "train") if "loss" in r]
+    return train_steps(metrics_lines(run_dir))
 
 
 def wait_for_step(run_dir: Path, step: int, alive, timeout: float = 600) -> int:
@@ -104,156 +118,258 @@ def wait_for_step(run_dir: Path, step: int, alive, timeout: float = 600) -> int:
     raise RuntimeError(f"no step {step} in {run_dir} within {timeout} s")
 
 
-def snapshot(run_dir: Path) -> tuple[list[str], list[str]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    ckpt = run_dir / "checkpoints"
-    return lines, [t for t in step_tags(ckpt) if verify(ckpt, t) is None]
+def tag_files(tag_dir: Path) -> dict[str, tuple[int, str]]:
+    """Every file of a checkpoint: size and SHA-256 (none when the directory is gone)."""
+    out = {}
+    for p in sorted(tag_dir.rglob("*")) if tag_dir.is_dir() else []:
+        if p.is_file():
+            with p.open("rb") as f:
+                out[str(p.relative_to(tag_dir))] = (p.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest())
+    return out
 
 
-def data_lost(before: tuple[list[str], list[str]], run_dir: Path) -> int:
-    lines, good = before
-    now_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    ckpt = run_dir / "checkpoints"
-    missing_lines = sum(1 for line in lines if line not in now_lines)
-    broken = sum(1 for t in good if (ckpt / t).is_dir() and verify(ckpt, t) is not None)
-    return missing_lines + broken
+@dataclass
+class Snapshot:
+    """A run's data at one moment: the complete metrics lines and the checkpoints that verify. A save in progress
+    is a ``.partial`` directory, not yet a tag, so a run that is checkpointing meanwhile adds nothing half-written."""
+    lines: list[str]
+    ckpts: dict[str, dict[str, tuple[int, str]]]
+
+    @classmethod
+    def take(cls, run_dir: Path) -> "Snapshot":
+        lines, ckpt = metrics_lines(run_dir), run_dir / "checkpoints"
+        tags = [t for t in [*step_tags(ckpt), BEST] if (ckpt / t).is_dir() and verify(ckpt, t) is None]
+        return cls(lines, {t: tag_files(ckpt / t) for t in tags})
+
+    def describe(self) -> str:
+        steps = train_steps(self.lines, trained=False)
+        return f"metrics to step {steps[-1] if steps else 0}, checkpoints {', '.join(self.ckpts) or 'none'}"
+
+    def lost(self, run_dir: Path, exempt) -> list[str]:
+        """What this snapshot held and ``run_dir`` no longer holds as it was: metrics lines gone or changed,
+        checkpoints gone or with a file changed (``best`` only if gone or failing verification: a better
+        validation replaces it by design). Tags in ``exempt`` (damaged by the fault itself) are left out."""
+        gone = Counter(self.lines) - Counter(metrics_lines(run_dir))
+        out = [f"metrics line of {r['split']} step {r['step']}" for r in map(json.loads, gone.elements())]
+        ckpt = run_dir / "checkpoints"
+        for tag, files in self.ckpts.items():
+            if tag in exempt:
+                continue
+            if tag == BEST:
+                problem = verify(ckpt, tag) if (ckpt / tag).is_dir() else "gone"
+                out += [f"{tag} ({problem})"] if problem else []
+                continue
+            now = tag_files(ckpt / tag)
+            changed = [name for name, entry in files.items() if now.get(name) != entry]
+            if changed:
+                out.append(f"{tag} ({'gone' if not now else ', '.join(changed) + ' changed'})")
+        return out
 
 
-def resume(run_dir: Path, log: Path, after: int) -> tuple[int, bool]:
-    """Resume two steps past where the fault left the run; returns (resumed-from step, continued correctly)."""
-    job = Job.start(["--run-dir", str(run_dir), "--resume", "--set", f"train.max_steps={after + 2}"], log)
-    job.wait_gone()
-    text = log.read_text()
-    marker = "resumed from step_"
-    start = int(text.split(marker, 1)[1][:8]) if marker in text else -1
-    steps = logged_steps(run_dir)
-    return start, job.proc.returncode == 0 and steps[-2:] == [after + 1, after + 2] and start >= 0
-
-
-# ------------------------------------------------------------------------------------------------ scenarios
-def signal_group(sig):
-    def inject(job: Job, run_dir: Path) -> tuple[float, int]:
-        done = wait_for_step(run_dir, FAULT_STEP, lambda: not job.gone())
-        os.killpg(job.proc.pid, sig)
-        return time.monotonic(), done
+# ------------------------------------------------------------------------------------------------ faults
+# An injector gets the started job and returns (snapshot before the fault, when the fault struck or None when no
+# job was running then, {checkpoint tag the fault itself damaged: how}).
+def outside(act):
+    """A fault from outside, once the run has logged step FAULT_STEP: the snapshot, then at once the fault."""
+    def inject(job: Job, run_dir: Path):
+        wait_for_step(run_dir, FAULT_STEP, lambda: not job.gone())
+        before = Snapshot.take(run_dir)
+        act(job)
+        return before, time.monotonic(), {}
     return inject
 
 
-def sigkill_rank1(job: Job, run_dir: Path) -> tuple[float, int]:
-    done = wait_for_step(run_dir, FAULT_STEP, lambda: not job.gone())
-    victims = [p for p in psutil.Process(job.proc.pid).children(recursive=True)
-               if "--local_rank=1" in p.cmdline()]
+def kill_rank1(job: Job) -> None:
+    victims = [p for p in psutil.Process(job.proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
     victims[0].kill()
-    return time.monotonic(), done
 
 
-def env_fault(spec: str):
-    """A fault the run injects into itself (TRAINER_FAULTS); the fault time is when the run ends."""
-    def inject(job: Job, run_dir: Path) -> tuple[float | None, int]:
-        job.wait_gone()
-        return None, int(spec.split("@")[1].split(":")[0]) - 1
-    return inject
+def own_fault(job: Job, run_dir: Path):
+    """A fault rank 1 injects into itself at step OWN_STEP. The snapshot kept is the newest one after which rank 0
+    had still not logged step OWN_STEP - 2: rank 1 begins step OWN_STEP only after the collectives of step
+    OWN_STEP - 1, which rank 0 joins after logging step OWN_STEP - 2, so that snapshot surely precedes the fault
+    (a later one might not). The fault struck when the run's first ``error:`` line is seen (None: it went on)."""
+    before, seen = None, None
+    while not job.gone():
+        path = run_dir / "metrics.jsonl"
+        state = (path.stat().st_size if path.exists() else 0, step_tags(run_dir / "checkpoints"))
+        if state != seen:
+            seen, snap = state, Snapshot.take(run_dir)
+            if max(train_steps(metrics_lines(run_dir), trained=False), default=0) >= OWN_STEP - 2:
+                break
+            before = snap
+        time.sleep(0.02)
+    if before is None:
+        raise RuntimeError(f"no snapshot of {run_dir} before step {OWN_STEP - 2}; see {job.log}")
+    while not job.gone():
+        if error_shown(job):
+            return before, time.monotonic(), {}
+        time.sleep(0.02)
+    if error_shown(job):
+        raise RuntimeError(f"the job ended before its error line was seen; see {job.log}")
+    return before, None, {}
+
+
+def error_shown(job: Job) -> bool:
+    return any(line.startswith("error: ") for line in job.log.read_text(errors="replace").splitlines())
+
+
+def truncate_latest(job: Job, run_dir: Path):
+    """After the run's end, the latest checkpoint's model states cut to half their size (a copy cut short)."""
+    job.wait_gone()
+    before, ckpt = Snapshot.take(run_dir), run_dir / "checkpoints"
+    tag = read_latest_tag(ckpt)
+    states = ckpt / tag / MODEL_STATES
+    size = states.stat().st_size
+    states.write_bytes(states.read_bytes()[: size // 2])
+    return before, None, {tag: f"{MODEL_STATES} cut from {size} to {size // 2} bytes"}
 
 
 SCENARIOS = {
-    # name: (description, injector, extra --set, TRAINER_FAULTS)
-    "sigterm": ("SIGTERM to the job's process group (Slurm preemption)", signal_group(signal.SIGTERM), [], None),
-    "sigusr1": ("SIGUSR1 to the job's process group (Slurm --signal)", signal_group(signal.SIGUSR1), [], None),
-    "sigkill_rank": ("SIGKILL to rank 1", sigkill_rank1, [], None),
-    "nan_stop": (f"NaN loss on rank 1 at step {FAULT_STEP + 1}, on_nonfinite=stop",
-                 env_fault(f"nan_loss@{FAULT_STEP + 1}:1"), [], f"nan_loss@{FAULT_STEP + 1}:1"),
-    "error_rank": (f"an exception on rank 1 at step {FAULT_STEP + 1} (a bug)", env_fault(f"error@{FAULT_STEP + 1}:1"),
-                   [], f"error@{FAULT_STEP + 1}:1"),
-    "nan_skip": (f"NaN loss on rank 1 at step {FAULT_STEP + 1}, on_nonfinite=skip", None,
-                 ["train.on_nonfinite=skip", f"train.max_steps={FAULT_STEP + 3}"], f"nan_loss@{FAULT_STEP + 1}:1"),
+    # name: (description, injector, extra --set, TRAINER_FAULTS, resume after it)
+    "sigterm": ("SIGTERM to the job's process group (Slurm preemption)",
+                outside(lambda job: os.killpg(job.proc.pid, signal.SIGTERM)), [], None, True),
+    "sigusr1": ("SIGUSR1 to the job's process group (Slurm --signal)",
+                outside(lambda job: os.killpg(job.proc.pid, signal.SIGUSR1)), [], None, True),
+    "sigkill_rank": ("SIGKILL to rank 1", outside(kill_rank1), [], None, True),
+    "nan_stop": (f"NaN loss on rank 1 at step {OWN_STEP}, on_nonfinite=stop", own_fault, [],
+                 f"nan_loss@{OWN_STEP}:1", True),
+    "error_rank": (f"an exception on rank 1 at step {OWN_STEP} (a bug)", own_fault, [], f"error@{OWN_STEP}:1", True),
+    "nan_skip": (f"NaN loss on rank 1 at step {OWN_STEP}, on_nonfinite=skip", own_fault,
+                 ["train.on_nonfinite=skip", f"train.max_steps={OWN_STEP + 2}"], f"nan_loss@{OWN_STEP}:1", False),
+    "truncated_checkpoint": ("latest checkpoint cut to half its size, after the run", truncate_latest,
+                             ["train.max_steps=10"], None, True),
 }
 
 
-def run_scenario(name: str, root: Path, data_root: Path, timeout_s: float) -> list:
-    what, inject, extra, faults = SCENARIOS[name]
+# ------------------------------------------------------------------------------------------------ measuring
+@dataclass
+class Faulty:
+    """What the run the fault struck did, and the snapshot of its data taken before the fault."""
+    before: Snapshot
+    t_fault: float | None
+    t_end: float
+    code: int
+    output: str
+    damaged: dict[str, str] = field(default_factory=dict)
+
+
+def measure(name: str, what: str, run_dir: Path, root: Path, f: Faulty, resume: bool) -> tuple[list, str, bool]:
+    """Resume (or, for a run that went on past the fault, read it) and compare with the snapshot: the table row,
+    the scenario's note and whether it went as it should (the run or its resume continued correctly)."""
+    lines = metrics_lines(run_dir)
+    done = max(train_steps(lines), default=0)
+    notes = [f"before the fault: {f.before.describe()}", f"the run logged to step {done}"]
+    notes += [f"the fault itself damaged {tag} ({how})" for tag, how in f.damaged.items()]
+    output = f.output
+    if resume:
+        latest = read_latest_tag(run_dir / "checkpoints")
+        log = root / f"{name}-resume.log"
+        job = Job.start(["--run-dir", str(run_dir), "--resume", "--set", f"train.max_steps={done + 2}"], log)
+        job.wait_gone()
+        text = log.read_text()
+        output += text
+        m = re.search(r"resumed from (\S+) at step (\d+)", text)
+        new = train_steps(metrics_lines(run_dir)[len(lines):])
+        ok = job.proc.returncode == 0 and m is not None and new == list(range(int(m[2]) + 1, done + 3))
+        lost_steps = done - int(m[2]) if m else "?"
+        start = "no 'resumed from' line" if m is None else f"resumed from {m[1]}" + (
+            f" (fell back: latest was {latest})" if m[1] != latest else "")
+        notes.append(f"{start}, logged steps {new or 'none'}, exit code {job.proc.returncode}")
+        resumed = "yes" if ok else "FAILED"
+    else:
+        logged = train_steps(lines, trained=False)
+        untrained = sorted(set(range(1, max(logged, default=0) + 1)) - set(train_steps(lines)))
+        ok = f.code == 0 and bool(logged) and logged[-1] > max(untrained, default=0)
+        lost_steps = len(untrained)
+        notes.append(f"went on without a resume; steps without a loss (update skipped): {untrained or 'none'}")
+        resumed = "not needed" if ok else "FAILED"
+    lost = f.before.lost(run_dir, f.damaged)
+    notes.append(f"data lost: {'; '.join(lost) if lost else 'none'}")
+    exit_s = "-" if f.t_fault is None else f.t_end - f.t_fault
+    row = [name, what, exit_s, f.code, lost_steps, output.count("Traceback"), len(lost), resumed]
+    return row, f"{name}: " + "; ".join(notes), ok
+
+
+def run_scenario(name: str, root: Path, data_root: Path, timeout_s: float) -> tuple[list, str, bool]:
+    what, inject, extra, faults, resume = SCENARIOS[name]
     run_dir, log = root / name, root / f"{name}.log"
     job = Job.start(["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *base_sets(data_root, timeout_s),
                      *extra], log, {"TRAINER_FAULTS": faults} if faults else None)
-    if inject is None:  # the run goes on past the fault and ends by itself
-        job.wait_gone()
-        text = log.read_text()
-        skipped = [r for r in read_metrics(run_dir, "train") if r.get("skipped_steps")]
-        ok = job.proc.returncode == 0 and bool(skipped)
-        return [name, what, "-", job.proc.returncode, 0, text.count("Traceback"), 0, "not needed" if ok else "FAILED"]
-    t_fault, done = inject(job, run_dir)
+    before, t_fault, damaged = inject(job, run_dir)
     t_end = job.wait_gone()
-    before = snapshot(run_dir)
-    start, ok = resume(run_dir, root / f"{name}-resume.log", max(done, logged_steps(run_dir)[-1]))
-    tracebacks = log.read_text().count("Traceback") + (root / f"{name}-resume.log").read_text().count("Traceback")
-    exit_s = "-" if t_fault is None else t_end - t_fault  # a self-inflicted fault has no outside start time
-    return [name, what, exit_s, job.proc.returncode, max(0, done - start), tracebacks, data_lost(before, run_dir),
-            "yes" if ok else "FAILED"]
+    return measure(name, what, run_dir, root, Faulty(before, t_fault, t_end, job.proc.returncode, log.read_text(),
+                                                     damaged), resume)
 
 
-def run_truncated_latest(root: Path, data_root: Path, timeout_s: float) -> list:
-    run_dir, log = root / "truncated", root / "truncated.log"
-    sets = [*base_sets(data_root, timeout_s), f"train.max_steps={2 * 5}"]
-    job = Job.start(["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *sets], log)
-    job.wait_gone()
-    states = run_dir / "checkpoints" / "step_00000010" / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
-    before = snapshot(run_dir)
-    start, ok = resume(run_dir, root / "truncated-resume.log", 10)
-    tracebacks = log.read_text().count("Traceback") + (root / "truncated-resume.log").read_text().count("Traceback")
-    return ["truncated_checkpoint", "latest checkpoint cut to half its size", "-", 0, 10 - start, tracebacks,
-            data_lost(before, run_dir), "yes" if ok else "FAILED"]
-
-
-def run_lost_node(root: Path, data_root: Path, timeout_s: float) -> list:
+def run_lost_node(root: Path, data_root: Path, timeout_s: float) -> tuple[list, str, bool]:
     run_dir = root / "lost_node"
     nodes = TwoNodes(root / "nodes", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set",
                                       *base_sets(data_root, timeout_s)])
     try:
-        done = wait_for_step(run_dir, FAULT_STEP, lambda: nodes.proc.poll() is None)
+        wait_for_step(run_dir, FAULT_STEP, lambda: nodes.proc.poll() is None)
+        before = Snapshot.take(run_dir)
         nodes.kill_node1()
         t_fault = time.monotonic()
         code = nodes.wait(timeout=timeout_s + 300)
-        exit_s = time.monotonic() - t_fault
+        t_end = time.monotonic()
     finally:
         nodes.close()
-    before = snapshot(run_dir)
-    start, ok = resume(run_dir, root / "lost_node-resume.log", max(done, logged_steps(run_dir)[-1]))
-    tracebacks = nodes.log(0).count("Traceback") + (root / "lost_node-resume.log").read_text().count("Traceback")
-    return ["lost_node", f"node 1 of 2 (launcher + rank) killed, hosts in {nodes.mode}: heartbeat timeout", exit_s, code,
-            max(0, done - start), tracebacks, data_lost(before, run_dir), "yes" if ok else "FAILED"]
+    what = f"node 1 of 2 (launcher + rank) killed, hosts in {nodes.mode}: heartbeat timeout"
+    return measure("lost_node", what, run_dir, root, Faulty(before, t_fault, t_end, code, nodes.log(0) + nodes.log(1)),
+                   True)
+
+
+LEGEND = """\
+exit s: from the fault (the signal or kill sent; a fault the run injects itself: its first "error:" line seen) to
+  the job's last process gone; "-": no job was running at the fault, or it went on past it
+exit code: of the process the user started for the run the fault struck (the deepspeed runner; lost_node: node 0's)
+steps lost: last step the run logged minus the step its resume started from; a run that went on: steps up to its
+  last that trained nothing (no loss logged)
+tracebacks: "Traceback" in the output of the run and of its resume
+data lost: metrics.jsonl lines and checkpoints (every file, size and SHA-256) that existed before the fault and are
+  gone or changed at the end (after the resume; "best" counts only if gone or failing verification: a better
+  validation replaces it); a checkpoint the fault itself damaged is noted, not counted
+resumed: the resume exited 0, started at its checkpoint's step and logged every step from there to its end"""
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    names = [*SCENARIOS, "lost_node"]
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--only", default="", help=f"comma-separated scenario names (default: all of {','.join(names)})")
     ap.add_argument("--lost-rank-timeout", type=float, default=60.0, help="train.lost_rank_timeout_s")
     args = ap.parse_args()
-    names = [*SCENARIOS, "truncated_checkpoint", "lost_node"]
-    chosen = [n for n in names if not args.only or n in args.only.split(",")]
+    chosen = [n for n in args.only.split(",") if n] or names
+    if unknown := [n for n in chosen if n not in names]:
+        ap.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     print(machine_line(), f"| awd_ptb 32/48, 2 ranks, lost_rank_timeout_s={args.lost_rank_timeout:g}", flush=True)
     root = scratch_dir("faults-")
     data_root = short_eval_data()
-    rows = []
+    results = []
     try:
         for name in chosen:
-            if name == "truncated_checkpoint":
-                row = run_truncated_latest(root, data_root, args.lost_rank_timeout)
-            elif name == "lost_node":
-                row = run_lost_node(root, data_root, args.lost_rank_timeout)
-            else:
-                row = run_scenario(name, root, data_root, args.lost_rank_timeout)
-            print(" | ".join(str(c) for c in row), flush=True)
-            rows.append(row)
+            results.append(run_lost_node(root, data_root, args.lost_rank_timeout) if name == "lost_node"
+                           else run_scenario(name, root, data_root, args.lost_rank_timeout))
+            print(" | ".join(str(c) for c in results[-1][0]), file=sys.stderr, flush=True)
     finally:
         if os.environ.get("KEEP"):
-            print("kept", root)
+            print("kept", root, file=sys.stderr)
         else:
             cleanup(root)
         cleanup(data_root.parent)
+    rows = [row for row, _, _ in results]
     print()
     print(markdown_table(["scenario", "fault", "exit s", "exit code", "steps lost", "tracebacks", "data lost",
                           "resumed"], rows))
-    return 0
+    print("\nNotes (derived from the runs):")
+    print("\n".join(f"- {note}" for _, note, _ in results))
+    print("\nColumns:\n" + LEGEND)
+    tracebacks, lost = sum(r[5] for r in rows), sum(r[6] for r in rows)
+    passed = sum(ok for _, _, ok in results)
+    good = tracebacks == 0 and lost == 0 and passed == len(results)
+    print(f"\nverdict: tracebacks {tracebacks}, data lost {lost}, {passed} of {len(results)} scenarios resumed or "
+          f"went on as they should: {'PASS' if good else 'FAIL'}")
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Two DeepSpeed "nodes" on one machine, launched by hand as on a cluster without ssh: ``deepspeed --hostfile H
 --no_ssh --node_rank K`` on each. The nodes are test hosts (``tests/cluster/hosts.py``: network namespaces of their
 own, each with its address and hostname, joined by a bridge), so the ranks talk over a real link. Needs root.
-Used by ``tests/test_two_nodes.py`` and ``bench/faults.py``; ``close()`` stops every process on the two hosts and
-nothing else."""
+Used by ``tests/test_two_nodes.py`` and ``bench/faults.py``; ``close()`` stops what it started on the two hosts (with
+their descendants) and nothing else. ``mode`` is measured once the launchers run: "netns" if every process started
+is in its host's own network namespace and each host's name resolves to an address of that host's alone
+(``Layout.mode``)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from tests.cluster.hosts import Hosts, stop_processes  # noqa: E402
+from tests.cluster.hosts import Hosts  # noqa: E402
 from trainer.distributed import launcher_env  # noqa: E402
 
 
@@ -25,7 +27,6 @@ class TwoNodes:
         self.dir = work
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = Hosts(self.dir / "hosts", ["node0", "node1"]).up()
-        self.mode = self.hosts.mode
         self.addr = self.hosts["node0"].addr
         hostfile = self.dir / "hostfile"
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -38,6 +39,7 @@ class TwoNodes:
                 self.procs.append(host.popen(cmd, cwd=REPO, env=launcher_env(), stdout=log,
                                              stderr=subprocess.STDOUT))
         self.proc = self.procs[0]  # node 0's launcher: its exit status is the job's
+        self.mode = self.hosts.mode
 
     def log(self, node: int) -> str:
         path = self.dir / f"node{node}.log"

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""What seeding each training sample's augmentation costs (it makes the ImageNet loaders resume exactly), against
+decoding and transforming the image without it.
+
+``FolderSplit.__getitem__`` with a ``SampleKey`` (training: ``augment`` seeds python's, numpy's and torch's CPU
+streams from mix_seeds(seed, epoch, index) before the transform) against the same call with a plain index (no
+seeding), on generated 500x375 JPEGs (quality 90) read from disk, through the basic recipe's training transform
+(RandomResizedCrop to 224 px, flip, RandAugment rand-m9-mstd0.5-inc1, to uint8). Before each unseeded call the
+streams are seeded to the same value outside the timed region, so both calls draw the same crop and the same
+RandAugment ops: the difference is the seeding alone. Within a round every image is read both ways, which one first
+alternating; a new epoch (new augmentations) every round; rounds after one warm-up round.
+
+  loader worker       timed inside a DataLoader worker process, as training runs with data.workers >= 1 (the
+                      default): seeding the streams is all it adds
+  training process    timed in the main process, as with data.workers=0: the training process's own streams
+                      (dropout's, mixup's) are also saved and put back around the transform; not budgeted
+  unseeded us         per image, median of rounds: decode + transform
+  seeded us           per image, median of rounds: decode + seeding + transform
+  seeding us          per round (seeded - unseeded) / images; median of rounds
+  cost                per round: seeded / unseeded - 1; median, and the distribution-free 95% confidence
+                      interval of that median (order statistics)
+  budget              in a loader worker, the upper end of the CI within the budget (INCONCLUSIVE when the CI is
+                      wider than the budget)
+
+    python bench/augment_seeding_cost.py [--rounds 30] [--images 32] [--budget 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (cleanup, header, jpeg_like_photo, judge, legend, markdown_table, median,  # noqa: E402
+                          median_ci, pct, pct_range, progress, scratch_dir, verdict)
+from recipes.imagenet.data import FolderSplit, SampleKey, build_transforms, open_split  # noqa: E402
+from trainer.rng import seed_host_rng  # noqa: E402
+
+WIDTH, HEIGHT, SIZE = 500, 375, 224
+
+
+def timed_rounds(split: FolderSplit, rounds: int) -> list[tuple[float, float]]:
+    """(seeded, unseeded) seconds per image, per round, the first round dropped (warm-up)."""
+    out = []
+    for r in range(rounds + 1):
+        seeded = unseeded = 0.0
+        for i in range(len(split)):
+            key = SampleKey(i, 0, r)
+            for with_seed in ((True, False) if (i + r) % 2 == 0 else (False, True)):
+                if not with_seed:
+                    seed_host_rng(key.augmentation_seed())  # the same draws as the seeded call, untimed
+                t0 = time.perf_counter()
+                split[key if with_seed else i]
+                dt = time.perf_counter() - t0
+                if with_seed:
+                    seeded += dt
+                else:
+                    unseeded += dt
+        if r:
+            out.append((seeded / len(split), unseeded / len(split)))
+    return out
+
+
+class InWorker(Dataset):
+    """One item, whose reading runs every round inside the process that reads it: a DataLoader worker."""
+
+    def __init__(self, split: FolderSplit, rounds: int) -> None:
+        self.split, self.rounds = split, rounds
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, _: int) -> list[tuple[float, float]]:
+        return timed_rounds(self.split, self.rounds)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--images", type=int, default=32, help="images per round, each read seeded and unseeded")
+    ap.add_argument("--budget", type=float, default=0.02, help="largest cost of seeding per image in a worker")
+    args = ap.parse_args()
+    header(f"{args.images} JPEGs {WIDTH}x{HEIGHT} -> {SIZE} px", f"{args.rounds} rounds after 1 warm-up")
+    root = scratch_dir("seeding-")
+    try:
+        rng, d = np.random.default_rng(0), root / "train" / "n00000000"
+        d.mkdir(parents=True)
+        for i in range(args.images):
+            jpeg_like_photo(rng, WIDTH, HEIGHT).save(d / f"{i:05d}.JPEG", quality=90)
+        split = open_split(root, "train", build_transforms(SIZE, True))
+        loader = DataLoader(InWorker(split, args.rounds), batch_size=None, num_workers=1)
+        places = {"loader worker": next(iter(loader))}
+        progress("loader worker done")
+        places["training process"] = timed_rounds(split, args.rounds)
+    finally:
+        cleanup(root)
+
+    rows, results = [], []
+    for place, times in places.items():
+        costs = [s / u - 1 for s, u in times]
+        lo, hi = median_ci(costs)
+        result = judge(lo, hi, args.budget) if place == "loader worker" else "not budgeted"
+        if place == "loader worker":
+            results.append(result)
+        rows.append([place, 1e6 * median(u for _, u in times), 1e6 * median(s for s, _ in times),
+                     1e6 * median(s - u for s, u in times), pct(median(costs)), pct_range(lo, hi), result])
+    legend(__doc__)
+    print()
+    print(markdown_table(["where", "unseeded us", "seeded us", "seeding us", "cost (median)", "cost, 95% CI",
+                          "verdict"], rows))
+    return verdict(f"per-sample seeding in a loader worker, upper end of the 95% CI within {args.budget:.0%}",
+                   results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
