@@ -1,14 +1,25 @@
 """The ImageNet recipes end to end on a generated ImageFolder: 2-rank ViT and Mixer runs on CPU that learn,
-log the scheduled drop rates and the loader's rate every step, evaluate exactly on 1 rank, and resume
-mid-schedule."""
+log the scheduled drop rates and the loader's rate every step, evaluate exactly on 1 rank (and on 2 and 3 ranks
+that do not divide the images), and resume mid-schedule; a 2-rank ViT trains from WebDataset shards and resumes
+mid-epoch where its stream was."""
 
 import json
 import shutil
+from datetime import timedelta
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import check, error_lines, launch, make_image_folder, metric_value
+from conftest import check, cut, error_lines, free_port, launch, make_image_folder, metric_value
+from test_imagenet_data import CORRUPT, write_shards
+from trainer.checkpoint import read_client_state
+from trainer.distributed import DistContext
+from trainer.evaluation import evaluate_split
+from trainer.registry import get_recipe
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -75,6 +86,127 @@ def test_the_loaders_rate_is_logged_beside_the_models(vit_run):
 def test_one_rank_evaluation_matches_the_two_rank_log(vit_run):
     out = check(launch("evaluate.py", ["--run-dir", str(vit_run), "--checkpoint", "latest"]))
     assert metric_value(out, "top1") == pytest.approx(records(vit_run, "valid")[-1]["top1"], abs=1e-9)
+
+
+# 10 classes for 4 colours: top-5 is a real count, not 100% by construction; a global evaluation batch of 4 gives
+# per-rank batches of 4, 2 and 1 on 1, 2 and 3 ranks, and 13 images give blocks of 13, 6 + 7 and 4 + 4 + 5.
+EVAL_SETS = ["data.batch_size=8", "data.eval_batch_size=4", "data.image_size=32", "data.workers=0",
+             "model.num_classes=10", *VIT]
+
+
+def evaluator(root, ctx):
+    """The recipe as ``launch/evaluate.py`` builds it (no training plan), and its model."""
+    spec = get_recipe("vit_t")
+    recipe = spec.factory(spec.load_config([], [f"data.root={root}", *EVAL_SETS]), ctx, None)
+    recipe.setup()
+    return recipe, recipe.build_model()
+
+
+def evaluate_as(rank, worlds, ports, root, weights) -> dict[int, dict]:
+    """This process as rank ``rank`` of each world it belongs to, one gloo group at a time."""
+    out = {}
+    for world, port in zip(worlds, ports):
+        if rank >= world:
+            continue
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        try:
+            recipe, model = evaluator(root, DistContext(rank, world, rank, torch.device("cpu")))
+            model.load_state_dict(torch.load(weights))
+            out[world] = evaluate_split(recipe, model, "valid", recipe.ctx)
+        finally:
+            dist.destroy_process_group()
+    return out
+
+
+def _forked_rank(i, worlds, ports, root, weights):
+    """Ranks 1, 2, ...; rank 0 is the test's own process. Forked, they find torch and timm imported (spawned
+    interpreters would take seconds each to import them again)."""
+    torch.set_num_threads(1)
+    torch.save(evaluate_as(i + 1, worlds, ports, root, weights), f"{weights}.rank{i + 1}")
+
+
+def test_evaluation_on_ranks_that_do_not_divide_the_images_is_the_one_rank_evaluation(tmp_path):
+    """13 validation images, the same weights, on 1, 2 and 3 gloo ranks: every rank reports the 1-rank numbers,
+    which are those of the model on all 13 images at once (nothing padded in, dropped or counted twice)."""
+    root = make_image_folder(tmp_path / "imagenet", per_class=(1, 3))  # 12 validation images, and one more:
+    shutil.copy(root / "train" / "class_2" / "000.JPEG", root / "val" / "class_2" / "003.JPEG")
+    torch.manual_seed(6)  # weights whose top-1 and top-5 are neither 0 nor 100%
+    recipe, model = evaluator(root, DistContext(0, 1, 0, torch.device("cpu")))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    one = evaluate_split(recipe, model, "valid", recipe.ctx)
+
+    images, labels = zip(*(recipe.val_set[i] for i in range(len(recipe.val_set))))
+    with torch.no_grad():
+        logits = model.eval()(recipe.normalize(torch.stack(images)))
+    labels = torch.tensor(labels)
+    hits = logits.topk(5, -1).indices == labels[:, None]
+    assert len(labels) == 13
+    assert one["top1"] == 100 * hits[:, 0].sum().item() / 13 and one["top5"] == 100 * hits.sum().item() / 13
+    assert 0 < one["top1"] < one["top5"] < 100  # informative counts
+    assert one["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+    worlds, weights = (2, 3), str(tmp_path / "weights.pt")
+    args = (worlds, [free_port() for _ in worlds], str(root), weights)
+    ranks = mp.start_processes(_forked_rank, args=args, nprocs=max(worlds) - 1, join=False, start_method="fork")
+    try:
+        reports = [evaluate_as(0, *args)]
+    finally:
+        while not ranks.join():  # returns as each process ends
+            pass
+    reports += [torch.load(f"{weights}.rank{r}") for r in range(1, max(worlds))]
+    for world in worlds:
+        for rank in range(world):
+            got = reports[rank][world]
+            assert got.keys() == one.keys(), (world, rank)
+            # hits and image counts are integers summed in float64: exactly equal. The loss is a sum of float32
+            # per-batch sums, and the batches (4, 2 or 1 images a rank) differ, so its float32 rounding does:
+            # about 1e-7 relative per summed term, a few of them, well within 1e-6.
+            assert {k: v for k, v in got.items() if k != "loss"} == {k: v for k, v in one.items() if k != "loss"}
+            assert got["loss"] == pytest.approx(one["loss"], rel=1e-6, abs=0), (world, rank)
+
+
+WALL_CLOCK = ("samples_per_s", "time")  # the only logged values a resume may change
+
+
+def rows(run_dir) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def wds_run(tmp_path_factory):
+    """A tiny ViT on 2 ranks from WebDataset shards (labels are sample indices): 24 training samples, one
+    undecodable, in 4 shards and 15 validation samples in 3; global batch 8, so 3 steps an epoch, for 2 epochs,
+    with a checkpoint at step 4."""
+    root = tmp_path_factory.mktemp("wds")
+    write_shards(root, "train", 4, 6, corrupt=CORRUPT)
+    write_shards(root, "val", 3, 5)
+    run_dir = root / "run"
+    check(launch("train.py", ["--recipe", "vit_t_early_dropout", "--run-dir", str(run_dir), "--set",
+                              *common(root, 2), *VIT, "data.format=wds", "data.train_shards=train-{000000..000003}.tar",
+                              "data.val_shards=val-{000000..000002}.tar", "data.train_size=24", "model.num_classes=24",
+                              "data.batch_size=8", "optim.lr_batch=8", "drop.cutoff_epoch=1",
+                              "train.checkpoint_every=4"], ranks=2))
+    return run_dir
+
+
+def test_webdataset_shards_train_on_two_ranks_and_resume_mid_epoch_where_the_stream_was(wds_run, tmp_path):
+    """Cut after step 4 (epoch 1, one batch in) and resumed: steps 5 and 6 log what the uninterrupted run logged,
+    bit for bit, which they could not had the resumed stream started elsewhere in the epoch's shard order."""
+    full = rows(wds_run)
+    assert [r["step"] for r in full if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    valid = [r for r in full if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [3, 6] and valid[-1]["skipped_train_images"] == 2  # the corrupt one, twice
+    state = read_client_state(wds_run / "checkpoints", "step_00000004")["trainer"]
+    assert (state["epoch"], state["steps_in_epoch"]) == (1, 1)
+
+    run = cut(wds_run, tmp_path / "cut", 4)
+    out = check(launch("train.py", ["--run-dir", str(run), "--resume"], ranks=2))
+    assert "resumed from step_00000004 at step 4" in out
+    kept = len(rows(run)) - 3  # rows logged before the cut: the resume added train 5, train 6, valid 6
+    assert rows(run)[:kept] == full[:kept] and rows(run)[kept:] == full[kept:]
+    assert [(r["split"], r["step"]) for r in full[kept:]] == [("train", 5), ("train", 6), ("valid", 6)]
 
 
 @pytest.fixture(scope="module")

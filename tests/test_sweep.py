@@ -3,18 +3,41 @@ is skipped when run again; slurm jobs are shown by --dry-run, the shipped sweep 
 submits them to a real Slurm cluster)."""
 
 import csv
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, check, error_lines, make_image_folder, output
 
+HPARAM_COLUMNS = ["drop.mode", "seed", "status"]  # the grid's axes, then the point's status
+HPARAM_METRICS = ["valid_loss", "valid_top1", "valid_top5", "best_top1", "train_loss", "steps", "wall_s"]
+
 GRID = {"drop.mode": ["standard", "early"], "seed": [0, 1]}
 NAMES = ["mode-standard_seed-0", "mode-standard_seed-1", "mode-early_seed-0", "mode-early_seed-1"]
 LOCAL_GRID = {"drop.mode": ["standard", "early"], "seed": [0]}  # two axes, two points: each point is a real run
 LOCAL_NAMES = ["mode-standard_seed-0", "mode-early_seed-0"]
+
+
+def read_hparams(event_dir) -> tuple[list[str], list[str], dict, dict[str, float]]:
+    """What TensorBoard's HParams view reads from ``event_dir``: the experiment's hparam and metric names, the
+    session's hparam values, and each metric's scalar."""
+    from google.protobuf.json_format import MessageToDict
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    values = {tag: acc.Scalars(tag)[-1].value for tag in metrics}
+    return ([h.name for h in experiment.hparam_infos], metrics,
+            {k: MessageToDict(v) for k, v in session.hparams.items()}, values)
 
 
 def sweep_cmd(path, *flags):
@@ -68,9 +91,14 @@ def test_local_sweep_runs_every_point_and_summarizes(local_sweep):
     md = (root / "summary.md").read_text().splitlines()
     assert len(md) == 4 and md[0].startswith("| name | status |")
     assert (root / "summary.png").stat().st_size > 1000
-    for name in LOCAL_NAMES:
-        assert (root / name / "checkpoints" / "latest").is_file()
-        assert list((root / "tensorboard" / name).glob("events.out.tfevents.*")), name
+    for row in rows:
+        assert (root / row["name"] / "checkpoints" / "latest").is_file()
+        names, metrics, values, scalars = read_hparams(root / "tensorboard" / row["name"])
+        assert sorted(names) == sorted(HPARAM_COLUMNS)
+        assert values == {"drop.mode": row["drop.mode"], "seed": int(row["seed"]), "status": "finished"}
+        assert sorted(metrics) == sorted(f"sweep/{k}" for k in HPARAM_METRICS)
+        for tag, value in scalars.items():  # float32 in the event file, 6 significant digits in the csv
+            assert value == pytest.approx(float(row[tag.removeprefix("sweep/")]), rel=1e-5), tag
 
 
 def test_rerun_skips_finished_points(local_sweep):
@@ -86,8 +114,13 @@ def test_summarize_lists_missing_points(local_sweep, tmp_path):
     spec["grid"]["seed"] = [0, 1, 2]  # four new points, never run
     other = tmp_path / "more.yaml"
     other.write_text(yaml.safe_dump(spec))
+    events = Path(spec["sweep_dir"]) / "tensorboard"
+    shutil.rmtree(events)  # what the sweep's own summary wrote: --summarize alone must write it again
     out = check(run_sweep(other, "--summarize", timeout=120))
     assert "summary: 2 finished, 0 partial, 4 missing" in out
+    hparams = {p.name: read_hparams(p)[2] for p in events.iterdir()}  # nothing for the missing points
+    assert hparams == {name: {"drop.mode": name.split("_")[0].removeprefix("mode-"), "seed": 0, "status": "finished"}
+                       for name in LOCAL_NAMES}
 
 
 def test_slurm_dry_run_prints_every_job(images, tmp_path):
@@ -144,8 +177,6 @@ def test_bad_sweep_file_is_a_one_line_error(images, tmp_path, change, expect):
 
 def test_rerun_resumes_a_partial_point(local_sweep, tmp_path):
     """A point cut off after epoch 1 (its log and 'latest' rolled back) resumes instead of starting over."""
-    import shutil
-
     path, root, _ = local_sweep
     spec = yaml.safe_load(path.read_text())
     spec.update(sweep_dir=str(tmp_path / "out"), grid={"drop.mode": ["standard"], "seed": [0]})

@@ -57,7 +57,9 @@ def on_node1(hosts, argv: list[str], log: Path, home: Path | None = None) -> Str
     """``argv`` typed on node1 in the checkout, as a user would; ``home`` (for its ``.deepspeed_env``) stands in
     for the user's home directory. (A Slurm job inherits its submitter's HOME, and with it torch's build cache
     of DeepSpeed's C++ op: the tests that submit keep this machine's, so their jobs need not rebuild it.)"""
-    return StreamedJob(hosts["node1"].cmd(argv, ROOT), log, ROOT, launcher_env({"HOME": str(home)} if home else {}))
+    job = StreamedJob(hosts["node1"].cmd(argv, ROOT), log, ROOT, launcher_env({"HOME": str(home)} if home else {}))
+    hosts["node1"].track(job.proc)  # stopped with the hosts if the test leaves it running
+    return job
 
 
 def hostfile_train(hostfile: Path, args: list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """A Slurm cluster on the test hosts (hosts.py), from Debian's packages: munged on every host, MariaDB, slurmdbd
 and slurmctld on the first, slurmd on each (one CPU per node). Accounting is real because submitit polls
 ``sacct``. Configuration lives in the cluster's own directory, bind-mounted over ``/etc/slurm`` on the hosts
-only; every daemon is started here and stopped by its pid, jobs first.
+only; every daemon is started here and stopped by its pid (with its descendants), jobs first.
 
 ``sbatch``, ``squeue``, ``sacct`` and ``scontrol`` work on the hosts as on a login node: run them with
 ``cluster.run(["squeue"])`` or from a process started on a host.
@@ -16,9 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .hosts import Host, Hosts, HostsUnavailable, stop_processes
-
-import psutil
+from .hosts import Host, Hosts, HostsUnavailable, stop_processes, tree
 
 DEBIAN_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 DAEMONS = {"munged": "/usr/sbin/munged", "mariadbd": "/usr/sbin/mariadbd", "slurmdbd": "/usr/sbin/slurmdbd",
@@ -215,7 +213,6 @@ class SlurmCluster:
         except (OSError, subprocess.SubprocessError, HostsUnavailable):
             pass
         for proc in reversed(self.daemons):
-            if proc.poll() is None:
-                stop_processes([psutil.Process(proc.pid)])
+            stop_processes(tree(proc))  # with what it adopted (hosts.py: SUBREAPER), e.g. a slurmstepd left over
             proc.wait()
         self.daemons = []
