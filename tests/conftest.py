@@ -53,6 +53,12 @@ BIN = Path(sys.executable).parent
 # A small AWD-LSTM that still learns PTB in a few hundred CPU steps.
 SMALL_AWD = ["data.root=" + str(SHARED_DATA), "model.emsize=100", "model.nhid=200", "data.bptt=35",
              "train.test_at_end=false", "train.progress=false"]
+# The smallest shapes of each family that still train: a training step takes milliseconds.
+TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1"]
+TINY_VIT = ["data.format=synthetic", "data.train_size=100000", "model.num_classes=4", "data.image_size=32",
+            "data.batch_size=8", "data.workers=1",
+            "model.kwargs={patch_size: 8, embed_dim: 48, depth: 3, num_heads: 3}",
+            "train.log_every=1", "train.progress=false", "train.test_at_end=false"]
 
 
 def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, env: dict | None = None,
@@ -87,6 +93,24 @@ def metric_value(text: str, name: str) -> float:
     m = re.search(rf"\b{name} ([0-9.eE+-]+)", text)
     assert m, f"no '{name} <value>' in output:\n{text[-2000:]}"
     return float(m.group(1))
+
+
+WALL_CLOCK = ("tokens_per_s", "samples_per_s", "time")  # the only logged values a resume may change
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl without its wall-clock values: what two runs of the same training log alike."""
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar of the run, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def cut(run_dir, dest, step):

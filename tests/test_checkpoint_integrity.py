@@ -2,13 +2,13 @@
 
 import json
 import shutil
+import signal
 
 import pytest
 
-from conftest import SMALL_AWD, check, error_lines, launch, output
-from trainer.checkpoint import MANIFEST, verify
-
-TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1"]
+from bench.common import read_metrics
+from conftest import TINY, check, error_lines, launch, output
+from trainer.checkpoint import AVERAGE_FILE, MANIFEST, verify
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +70,37 @@ def test_no_usable_checkpoint_is_a_one_line_error_that_keeps_the_files(trained, 
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_an_interrupted_save_is_repaired_on_resume(trained, tmp_path):
-    """A crash between the two renames of a replaced tag leaves ``best.old`` and no ``best``; a crash while
-    writing leaves ``<tag>.partial``. Neither is ever named by ``latest``; the resume puts ``best`` back and
-    drops the unfinished save."""
+def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(trained, tmp_path):
+    """The resumed run really SIGKILLed halfway through writing step 10's checkpoint (TRAINER_FAULTS
+    ``sigkill_save``: its files staged under ``step_00000010.partial``, no manifest, nothing published):
+    ``latest`` still names step 8, intact; the next resume drops the unfinished save, continues from step 8 and
+    finishes."""
+    run_dir = copy_run(trained, tmp_path)
+    ckpt = run_dir / "checkpoints"
+    args = ["--run-dir", str(run_dir), "--resume", "--set", "train.max_steps=12"]
+    killed = launch("train.py", args, env={"TRAINER_FAULTS": "sigkill_save@10:0"})
+    assert killed.returncode == -signal.SIGKILL, output(killed)[-3000:]
+    staged = {p.name for p in (ckpt / "step_00000010.partial").iterdir()}
+    assert {"mp_rank_00_model_states.pt", "rank_00000.pt", AVERAGE_FILE} <= staged and MANIFEST not in staged
+    assert (ckpt / "latest").read_text() == "step_00000008" and not (ckpt / "step_00000010").exists()
+
+    out = check(launch("train.py", args))
+    assert "removing step_00000010.partial" in out
+    assert "resumed from step_00000008 at step 8" in out
+    assert (ckpt / "latest").read_text() == "step_00000012" and not list(ckpt.glob("*.partial"))
+    assert verify(ckpt, "step_00000010") is None and verify(ckpt, "step_00000012") is None
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-4:] == [9, 10, 11, 12]
+
+
+def test_a_crash_between_the_renames_of_a_replaced_tag_is_repaired_on_resume(trained, tmp_path):
+    """A crash between the two renames that replace ``best`` leaves ``best.old`` and no ``best`` (a kill
+    mid-write is the test above); ``latest`` never names it, and the resume puts ``best`` back."""
     run_dir = copy_run(trained, tmp_path)
     ckpt = run_dir / "checkpoints"
     (ckpt / "best").rename(ckpt / "best.old")
-    shutil.copytree(ckpt / "step_00000008", ckpt / "step_00000010.partial")
-    (ckpt / "step_00000010.partial" / "rank_00000.pt").unlink()
-    out = check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set", "train.max_steps=9",
-                                    "train.checkpoint_every=100"]))
-    assert "removing step_00000010.partial" in out
+    check(launch("train.py", ["--run-dir", str(run_dir), "--resume", "--set", "train.max_steps=9",
+                              "train.checkpoint_every=100"]))
     assert (ckpt / "best").is_dir() and not (ckpt / "best.old").exists()
-    assert not list(ckpt.glob("*.partial"))
 
 
 def test_evaluating_a_damaged_checkpoint_names_the_file(trained, tmp_path):

@@ -3,23 +3,16 @@ for bit (training losses, learning rates, averaging counts, validation), for bot
 at an epoch's end. Every checked step draws random numbers: dropout (early schedules, still moving), DropConnect,
 RandAugment, random erasing, mixup / cutmix, stochastic depth; AWD-LSTM is averaging (NT-ASGD) by then."""
 
-import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SHARED_DATA, SMALL_AWD, check, launch, make_image_folder
-from trainer.checkpoint import read_client_state, step_tag
-
-WALL_CLOCK = ("tokens_per_s", "samples_per_s", "time")  # the only logged values a resume may change
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+from bench.faults import Job, wait_for_step
+from conftest import SHARED_DATA, SMALL_AWD, check, free_port, launch, make_image_folder, rows, scalars
+from trainer.checkpoint import read_client_state, read_latest_tag, step_tag
 
 def cut_after(run_dir: Path, step: int) -> int:
     """How many rows the run had logged when it saved ``step``'s checkpoint: up to that step's training row
@@ -59,34 +52,31 @@ def position(run_dir: Path, step: int) -> tuple[int, int]:
     return state["epoch"], state["steps_in_epoch"]
 
 
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
 # ------------------------------------------------------------------------------------------------ AWD-LSTM
 
 AWD_STEPS, AWD_STOP = 24, 10  # ~20 steps per epoch on the corpus below; interrupted mid-epoch 0 at step 10
 
 
 @pytest.fixture(scope="module")
-def awd_run(tmp_path_factory):
+def awd_args(tmp_path_factory):
     """A PTB slice small enough to cross an epoch in ~20 steps; averaging forced from step 5, validation every
-    4 steps (of the average), every dropout rate falling linearly over two epochs, a checkpoint every step."""
-    root = tmp_path_factory.mktemp("awd")
-    corpus = root / "ptb"
+    4 steps (of the average), every dropout rate falling linearly over two epochs."""
+    corpus = tmp_path_factory.mktemp("awd") / "ptb"
     corpus.mkdir()
     for split, lines in (("train", 60), ("valid", 30), ("test", 30)):
         text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)
         (corpus / f"{split}.txt").write_text("".join(text[:lines]))
-    run_dir = root / "run"
-    check(launch("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *SMALL_AWD,
-                              f"data.root={corpus}", "data.verify=false", "data.download=false", "model.emsize=32",
-                              "model.nhid=48", "data.bptt=8", "data.batch_size=8", "train.epochs=3",
-                              f"train.max_steps={AWD_STEPS}", "train.log_every=1", "train.eval_every=4",
-                              "train.checkpoint_every=1", "train.keep_last=100", "optim.t0=5",
-                              "drop.mode=early", "drop.schedule=linear", "drop.cutoff_epoch=2"], ranks=2))
+    return ["--recipe", "awd_ptb", "--set", *SMALL_AWD, f"data.root={corpus}", "data.verify=false",
+            "data.download=false", "model.emsize=32", "model.nhid=48", "data.bptt=8", "data.batch_size=8",
+            "train.epochs=3", f"train.max_steps={AWD_STEPS}", "train.log_every=1", "train.eval_every=4",
+            "train.keep_last=100", "optim.t0=5", "drop.mode=early", "drop.schedule=linear", "drop.cutoff_epoch=2"]
+
+
+@pytest.fixture(scope="module")
+def awd_run(tmp_path_factory, awd_args):
+    """The uninterrupted reference, with a checkpoint every step to cut it at."""
+    run_dir = tmp_path_factory.mktemp("awd_run") / "run"
+    check(launch("train.py", ["--run-dir", str(run_dir), *awd_args, "train.checkpoint_every=1"], ranks=2))
     return run_dir
 
 
@@ -106,6 +96,30 @@ def test_awd_resumes_exactly_at_an_epoch_end(awd_run, tmp_path):
     last = next(s for s in range(1, AWD_STEPS) if position(awd_run, s + 1) == (1, 1))  # the last step of epoch 0
     assert last % 4 and last > AWD_STOP  # no validation at that step; averaging on
     resume_and_compare(awd_run, tmp_path, last, AWD_STEPS)
+
+
+def test_awd_stopped_by_sigterm_resumes_exactly(awd_run, awd_args, tmp_path):
+    """A real SIGTERM to the whole job (launcher and ranks, as Slurm sends it) mid-epoch while averaging, no
+    checkpoint due: the checkpoint the signal made, resumed, gives the uninterrupted run's rows bit for bit (the
+    reference saved every step: saving changes nothing either)."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}  # as the reference's ranks had
+    job = Job.start(["--run-dir", str(run_dir), *awd_args, "train.checkpoint_every=100000"], log, env=threads,
+                    port=free_port())
+    wait_for_step(run_dir, 6, lambda: not job.gone())
+    os.killpg(job.proc.pid, signal.SIGTERM)
+    job.wait_gone(timeout=120)
+    tag = read_latest_tag(run_dir / "checkpoints")
+    step = int(tag.removeprefix("step_"))
+    assert f"preempted (SIGTERM) at step {step}: checkpoint {tag} written" in log.read_text()
+    assert 6 <= step < AWD_STEPS - 4  # averaging since step 5: the signal's checkpoint holds a live average
+    logged = rows(run_dir)
+    assert [r["step"] for r in logged if r["split"] == "train"] == list(range(1, step + 1))
+    assert logged == rows(awd_run)[:len(logged)]  # a validation at the stop step is logged too
+
+    out = check(launch("train.py", ["--run-dir", str(run_dir), "--resume"], ranks=2))
+    assert f"resumed from {tag} at step {step}" in out
+    assert rows(run_dir) == rows(awd_run)  # ==, not approx
 
 
 # ------------------------------------------------------------------------------------------------ ImageNet

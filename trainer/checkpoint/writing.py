@@ -15,8 +15,9 @@ import torch
 
 from ..distributed import DistContext, barrier, gather_to_main
 from ..errors import CheckpointError
-from .layout import (LATEST, MANIFEST, MODEL_STATES, PARTIAL, REPLACED, rank_file, read_latest_tag, step_tags,
-                     writer_of)
+from ..faults.inject import ENV, FaultPlan
+from .layout import (LATEST, MANIFEST, MODEL_STATES, PARTIAL, REPLACED, STEP_TAG, rank_file, read_latest_tag,
+                     step_tags, writer_of)
 
 log = logging.getLogger("trainer")
 
@@ -46,6 +47,7 @@ def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict
             _atomic_torch_save(obj, staging / name)
     barrier(ctx)
     engine.save_checkpoint(str(ckpt_dir), tag=staging.name, client_state=client_state, save_latest=False)
+    _injected_kill(tag, ctx.rank)
     per_rank = gather_to_main(own_entries(staging, ctx.rank), ctx)  # every rank's files are complete
     if ctx.is_main:
         write_manifest(staging, per_rank)
@@ -55,6 +57,13 @@ def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict
             _prune(ckpt_dir, keep_last)
     barrier(ctx)
     return ckpt_dir / tag
+
+
+def _injected_kill(tag: str, rank: int) -> None:
+    """``TRAINER_FAULTS=sigkill_save@N:R`` (tests): rank R dies here, step N's files staged, none published."""
+    m = STEP_TAG.match(tag)
+    if m and os.environ.get(ENV):
+        FaultPlan.from_env(rank).kill_in_save(int(m[1]))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -2,10 +2,12 @@
 
 ``TRAINER_FAULTS`` holds ``kind@step:rank`` entries separated by commas, e.g. ``nan_loss@5:1`` (rank 1's
 loss is NaN at optimizer step 5), ``sigkill@7:1`` (rank 1 kills itself with SIGKILL while computing step
-7) or ``error@0:1`` (rank 1 raises an ordinary exception during start-up). Kinds: ``nan_loss``, ``inf_loss``,
-``sigkill``, ``sigterm``, ``sigusr1``, ``sigusr2``, ``error``. A fault fires once per process, at the step whose
-number (counted from 1; 0 is start-up, before the model is built) it names, on the named rank. Unset, nothing
-is injected and the loop pays one attribute check per step. Across hosts, pass it in ``~/.deepspeed_env``.
+7), ``sigkill_save@6:0`` (rank 0 kills itself with SIGKILL halfway through writing step 6's checkpoint: its
+files staged, nothing published) or ``error@0:1`` (rank 1 raises an ordinary exception during start-up). Kinds:
+``nan_loss``, ``inf_loss``, ``sigkill``, ``sigkill_save``, ``sigterm``, ``sigusr1``, ``sigusr2``, ``error``. A
+fault fires once per process, at the step whose number (counted from 1; 0 is start-up, before the model is built)
+it names, on the named rank. Unset, nothing is injected and the loop pays one attribute check per step (a save,
+one environment lookup). Across hosts, pass it in ``~/.deepspeed_env``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 ENV = "TRAINER_FAULTS"
-KINDS = ("nan_loss", "inf_loss", "sigkill", "sigterm", "sigusr1", "sigusr2", "error")
+KINDS = ("nan_loss", "inf_loss", "sigkill", "sigkill_save", "sigterm", "sigusr1", "sigusr2", "error")
 _ENTRY = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+):(?P<rank>\d+)$")
 
 
@@ -63,6 +65,10 @@ class FaultPlan:
         f = self._due(step, ("sigkill", "sigterm", "sigusr1", "sigusr2"))
         if f is not None:
             os.kill(os.getpid(), getattr(signal, f.kind.upper()))
+
+    def kill_in_save(self, step: int) -> None:
+        if self._due(step, ("sigkill_save",)) is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def raise_error(self, step: int) -> None:
         f = self._due(step, ("error",))
