@@ -61,8 +61,9 @@ def commit() -> str:
     return f"{head} plus uncommitted changes" if dirty else head
 
 
-def section(name: str, heading: str, command: str, status: int, stdout: str, started: str, seconds: float) -> str:
-    return (f"{marker(name)}\n## {heading}\n\n`{command}` at commit `{commit()}`, started {started}, "
+def section(name: str, heading: str, command: str, status: int, stdout: str, started: str, seconds: float,
+            code: str) -> str:
+    return (f"{marker(name)}\n## {heading}\n\n`{command}` at commit `{code}`, started {started}, "
             f"{seconds / 60:.1f} min, exit status {status}. It printed:\n\n```\n{stdout.rstrip()}\n```\n"
             f"{marker(name, end=True)}\n")
 
@@ -94,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in args.names:
         heading, command = known[name]
+        code = commit()  # read before the run: the code that ran, whatever is committed meanwhile
         started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
         print(f"== {command}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, stdout=subprocess.PIPE, text=True)
         sys.stderr.write(proc.stdout)
         sections = existing()
         sections[name] = section(name, heading, command, proc.returncode, proc.stdout, started,
-                                 time.monotonic() - t0)
+                                 time.monotonic() - t0, code)
         write(sections)  # after each run, so a later failure keeps what was measured
         if proc.returncode:
             failed.append(f"{name} (exit {proc.returncode})")
