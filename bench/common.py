@@ -144,11 +144,15 @@ def run_training(ranks: int, run_dir: Path, sets: list[str], threads: int | None
     return start_run(ranks, run_dir, sets, threads, recipe).wait()
 
 
-def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+def metrics_lines(run_dir: Path) -> list[str]:
+    """The complete lines of ``metrics.jsonl``; one being appended right now is left for the next read."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text() if path.exists() else ""
+    return [line for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in metrics_lines(run_dir)]
     return [r for r in rows if split is None or r.get("split") == split]
 
 

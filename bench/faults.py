@@ -31,7 +31,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import BIN, cleanup, free_port, machine_line, markdown_table, scratch_dir, short_eval_data  # noqa
+from bench.common import (BIN, cleanup, free_port, machine_line, markdown_table, metrics_lines, scratch_dir,  # noqa: E402
+                          short_eval_data, verdict)
 from bench.two_nodes import TwoNodes  # noqa: E402
 from trainer.checkpoint import BEST, MODEL_STATES, read_latest_tag, step_tags, verify  # noqa: E402
 from trainer.distributed import launcher_env  # noqa: E402
@@ -89,13 +90,6 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------------------ what a run wrote
-def metrics_lines(run_dir: Path) -> list[str]:
-    """The complete lines of ``metrics.jsonl``; one being appended right now is left for the next read."""
-    path = run_dir / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return text[: text.rfind("\n") + 1].splitlines()
-
-
 def train_steps(lines: list[str], trained: bool = True) -> list[int]:
     """Steps of the train lines; ``trained``: only those with a loss (a skipped step's line has none)."""
     rows = (json.loads(line) for line in lines)
@@ -367,9 +361,8 @@ def main() -> int:
     tracebacks, lost = sum(r[5] for r in rows), sum(r[6] for r in rows)
     passed = sum(ok for _, _, ok in results)
     good = tracebacks == 0 and lost == 0 and passed == len(results)
-    print(f"\nverdict: tracebacks {tracebacks}, data lost {lost}, {passed} of {len(results)} scenarios resumed or "
-          f"went on as they should: {'PASS' if good else 'FAIL'}")
-    return 0 if good else 1
+    return verdict(f"tracebacks {tracebacks}, data lost {lost}, {passed} of {len(results)} scenarios resumed or "
+                   f"went on as they should", ["PASS" if good else "FAIL"])
 
 
 if __name__ == "__main__":
