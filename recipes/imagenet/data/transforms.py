@@ -132,9 +132,10 @@ def augment(transform: Callable, image: Image.Image, seed: int | None) -> torch.
     Augmentation is replayed exactly: before a training sample is transformed, python's, numpy's and torch's
     CPU streams are seeded from (seed, epoch, the sample: its index for ``folder``; for ``wds`` its shard file
     name, key and pass over the shards), so a sample's crop, flip and RandAugment do not depend on which
-    worker transforms it, how many workers there are, or whether the epoch was resumed. Seeding costs ~45 us a
-    sample, ~0.5% of decoding and transforming a 500x375 JPEG to 224 px (~9 ms on one core); without workers, putting the training process's
-    own streams back adds ~0.2 ms. Evaluation samples are not seeded (their transform draws nothing).
+    worker transforms it, how many workers there are, or whether the epoch was resumed. What seeding costs in a
+    loader worker, and without workers what putting the training process's own streams back adds, is measured
+    by bench/augment_seeding_cost.py (BENCHMARKS.md). Evaluation samples are not seeded (their transform draws
+    nothing).
 
     A loader worker's streams serve only its transforms; in the training process itself (no workers) they are
     also dropout's and mixup's, so they are put back afterwards.
