@@ -5,13 +5,14 @@
    batch 10 = the per-rank batch at 2 ranks) without averaging, and the same step followed by the averaging update
    that runs after every optimizer step once averaging starts, for each average a rank may hold: the whole model
    (1 rank) and each shard of a 2-rank average (rank 0 holds mostly the embedding, rank 1 the LSTM tail). Each round
-   runs one step of every variant, the order rotated from round to round, so that each variant's step + update is
-   paired with a plain step of the same round.
+   runs, for every average (their order rotated from round to round), a pair of steps back to back: a plain step and
+   a step followed by that average's update, which one first alternating by round. Both steps of a pair see the same
+   machine state; a drift in the machine's load between pairs falls on neither side.
 
-     step ms            median over rounds of the plain step
+     step ms            median over rounds of the plain steps
      step + update ms   median over rounds of a step followed by that average's update
      update ms          median of the update alone (inside the step + update time)
-     cost               per round: (step + update) / (plain step of the round) - 1; the median of the rounds
+     cost               per pair: (step + update) / (the pair's plain step) - 1; the median of the rounds
      95% CI             distribution-free 95% confidence interval of that median (order statistics): the spread
                         the verdict uses; it narrows with more rounds
      IQR                interquartile range of the rounds' costs (the machine's step-to-step noise)
@@ -68,7 +69,7 @@ def contexts(world: int) -> list[DistContext]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["paper", "small"], default="paper")
-    ap.add_argument("--rounds", type=int, default=32, help="measured rounds (one step of every variant each)")
+    ap.add_argument("--rounds", type=int, default=32, help="measured rounds (a pair of steps per average each)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=0.02, help="largest cost of the update per training step")
     ap.add_argument("--launch", action="store_true", help="also time real 2-rank runs with and without averaging")
@@ -112,28 +113,32 @@ def main() -> int:
         averages[key].update(1.0 / counts[key])
         return time.perf_counter() - t0
 
-    variants = ["plain", *averages]
-    steps: dict[str, list[float]] = {v: [] for v in variants}
-    updates: dict[str, list[float]] = {k: [] for k in averages}
+    keys = list(averages)
+    plain: dict[str, list[float]] = {k: [] for k in keys}  # each average's paired plain steps
+    steps: dict[str, list[float]] = {k: [] for k in keys}
+    updates: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(args.warmup + args.rounds):
-        for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotated: no variant keeps a slot
-            dt = train_step()
-            du = average_update(v) if v != "plain" else 0.0
-            if r >= args.warmup:
-                steps[v].append(dt + du)
-                if v != "plain":
-                    updates[v].append(du)
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotated: no average keeps a slot
+            for averaged in ((False, True) if r % 2 == 0 else (True, False)):
+                dt = train_step()
+                du = average_update(key) if averaged else 0.0
+                if r >= args.warmup:
+                    (steps if averaged else plain)[key].append(dt + du)
+                    if averaged:
+                        updates[key].append(du)
         if r >= args.warmup and (r - args.warmup + 1) % 10 == 0:
-            progress(f"round {r - args.warmup + 1}/{args.rounds}: plain step {1e3 * median(steps['plain']):.0f} ms")
+            progress(f"round {r - args.warmup + 1}/{args.rounds}: plain step "
+                     f"{1e3 * median(x for k in keys for x in plain[k]):.0f} ms")
+    all_plain = [x for k in keys for x in plain[k]]
 
     rows, results = [], []
-    for key in averages:
-        costs = [a / b - 1 for a, b in zip(steps[key], steps["plain"])]
+    for key in keys:
+        costs = [a / b - 1 for a, b in zip(steps[key], plain[key])]
         lo, hi = median_ci(costs)
         q1, _, q3 = statistics.quantiles(costs, n=4)
         result = judge(lo, hi, args.budget)
         results.append(result)
-        rows.append([key, f"{averages[key].buffer.numel():,}", 1e3 * median(steps["plain"]), 1e3 * median(steps[key]),
+        rows.append([key, f"{averages[key].buffer.numel():,}", 1e3 * median(all_plain), 1e3 * median(steps[key]),
                      1e3 * median(updates[key]), pct(median(costs)), pct_range(lo, hi), pct_range(q1, q3), result])
 
     mem_rows = []

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DATA_ROOT, SMALL, cleanup, machine_line, markdown_table, median, overrides,  # noqa: E402
-                          scratch_dir, shell_line, start_run)
+from bench.common import (DATA_ROOT, SMALL, cleanup, header, markdown_table, median, overrides,  # noqa: E402
+                          scratch_dir, shell_line, start_run, verdict)
 
 
 def progress(run) -> None:
@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run directories (checkpoints, TensorBoard)")
     args = ap.parse_args()
 
-    print(machine_line(), flush=True)
+    header("awd_ptb, small shape, one epoch", f"ranks {' and '.join(map(str, args.ranks))}")
     sets = overrides({"data.root": DATA_ROOT, "seed": 141, "train.epochs": 1, "train.log_every": 50,
                       "train.test_at_end": False, "train.progress": False}, SMALL)
     root = scratch_dir("epoch-")
@@ -57,14 +57,14 @@ def main() -> int:
         ["ranks", "steps", "valid ppl", "valid loss", "wall s (launch to exit)", "s to end-of-epoch valid",
          "tokens/s (median)", "cores used"], rows))
     worst = max(gaps.values())
-    ok = worst <= args.budget
     print(f"\nvalid ppl relative to {args.ranks[0]} rank(s): "
-          + ", ".join(f"{r} ranks {ppl[r] / base:.5f}" for r in args.ranks)
-          + f"; largest gap {worst:.2e} against a budget of {args.budget:g}: {'PASS' if ok else 'FAIL'}")
-    print(f"run directories: {root}" if args.keep else "")
-    if not args.keep:
+          + ", ".join(f"{r} ranks {ppl[r] / base:.5f}" for r in args.ranks) + f"; largest gap {worst:.2e}")
+    if args.keep:
+        print(f"run directories: {root}")
+    else:
         cleanup(root)
-    return 0 if ok else 1
+    return verdict(f"largest relative gap in validation perplexity within {args.budget:g}",
+                   ["PASS" if worst <= args.budget else "FAIL"])
 
 
 if __name__ == "__main__":
