@@ -25,7 +25,7 @@ state, which a round's sums (a round is ~0.3 s) do not.
   budget              in a loader worker, the upper end of the CI within the budget (INCONCLUSIVE when the CI is
                       wider than the budget)
 
-    python bench/augment_seeding_cost.py [--rounds 30] [--images 32] [--budget 0.02]
+    python bench/augment_seeding_cost.py [--rounds 60] [--images 32] [--budget 0.02]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class InWorker(Dataset):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--images", type=int, default=32, help="images per round, each read seeded and unseeded")
     ap.add_argument("--budget", type=float, default=0.02, help="largest cost of seeding per image in a worker")
     args = ap.parse_args()

@@ -53,24 +53,21 @@ def restore_rng(state: dict) -> None:
 _U64 = 2**64 - 1
 
 
-def _splitmix64(x: int) -> int:
-    """SplitMix64's output function: a bijection of 64-bit ints whose every output bit depends on every input bit."""
-    x = (x + 0x9E3779B97F4A7C15) & _U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
-    return x ^ (x >> 31)
-
-
 def mix_seeds(*parts: int) -> int:
     """One 63-bit seed from several ints, so (seed, epoch) pairs cannot collide the way ``seed + epoch`` does.
 
-    A SplitMix64 chain in plain integer arithmetic, not ``np.random.SeedSequence``: every training image's
-    augmentation is seeded with it inside a loader worker, where SeedSequence's ~60 us (cold caches between
-    images) was most of what seeding cost (bench/augment_seeding_cost.py).
+    A chain of SplitMix64's output function (a bijection of 64-bit ints whose every output bit depends on every
+    input bit), each part XORed into the state before a round, in plain integer arithmetic, not
+    ``np.random.SeedSequence``: every training image's augmentation is seeded with it inside a loader worker, where
+    SeedSequence's ~60 us (cold caches between images) was most of what seeding cost
+    (bench/augment_seeding_cost.py).
     """
-    h = _splitmix64(len(parts))
+    h = 0x6A09E667F3BCC909 ^ len(parts)
     for p in parts:
-        h = _splitmix64(h ^ (int(p) & _U64))
+        h = (h ^ (int(p) & _U64)) + 0x9E3779B97F4A7C15 & _U64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _U64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _U64
+        h ^= h >> 31
     return h >> 1
 
 
