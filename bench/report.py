@@ -53,11 +53,12 @@ def marker(name: str, end: bool = False) -> str:
 
 
 def commit() -> str:
-    """The commit that ran, marked when the working tree differs from it (then the figures are not reproducible)."""
+    """The commit that ran, marked when the working tree differs from it (then the figures are not reproducible).
+    BENCHMARKS.md itself does not count: this script rewrites it after every benchmark of a run."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()
     return f"{head} plus uncommitted changes" if dirty else head
 
 
