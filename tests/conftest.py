@@ -131,7 +131,9 @@ IMAGE_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  #
 
 def make_image_folder(root: Path, size: int = 40, per_class: tuple[int, int] = (24, 8), corrupt: bool = False) -> Path:
     """Four classes of noisy solid colours under train/ and val/ (24 + 8 per class: 3 steps per epoch at global
-    batch 32 on 2 ranks, learnable in an epoch or two); ``corrupt`` adds an undecodable train/class_0/broken.JPEG."""
+    batch 32 on 1 or 2 ranks, learnable in an epoch or two); ``corrupt`` makes one of class_0's training images an
+    undecodable train/class_0/broken.JPEG, in place of a good one: the count still divides into whole batches, so
+    every epoch reads it, whatever the seeded order (an extra 97th image would be the one left out, now and then)."""
     import numpy as np
     from PIL import Image
 
@@ -144,6 +146,7 @@ def make_image_folder(root: Path, size: int = 40, per_class: tuple[int, int] = (
                 pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
     if corrupt:
+        (root / "train" / "class_0" / f"{per_class[0] - 1:03d}.JPEG").unlink()
         (root / "train" / "class_0" / "broken.JPEG").write_bytes(rng.bytes(2000))
     return root
 

@@ -120,7 +120,7 @@ def test_awd_stopped_by_sigterm_resumes_exactly(awd_run, awd_args, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ ImageNet
 
-IMAGE_STEPS = 5  # 3 steps per epoch: 97 images (one undecodable) over 2 ranks at 16 per rank
+IMAGE_STEPS = 5  # 3 steps per epoch: 96 images (one undecodable) over 2 ranks at 16 per rank
 
 
 @pytest.fixture(scope="module")
