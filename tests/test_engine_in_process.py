@@ -2,7 +2,8 @@
 watched.
 
 The variable-length BPTT rescale and the 0.25 gradient clip, read off the optimizer DeepSpeed really steps, under
-ZeRO 0 (the engine clips, ``clip_fp32_gradients``) and ZeRO 2 (the ZeRO optimizer clips its partitions): a step
+ZeRO 0 (the loop clips on the device before ``engine.step()``, trainer/clipping.py) and ZeRO 2 (the ZeRO optimizer
+clips its partitions): a step
 pre-hook on the base optimizer records, inside each real ``step()``, the learning rate in its param group and the
 global norm of the gradients it is about to consume; the step's sequence length is read from the batch the model
 was fed, not from the logged base rate. And the gradient analysis, run every 3 steps, leaves the run's logged
@@ -30,6 +31,7 @@ RUNS = [  # (run directory, recipe, --set): the ZeRO 0 / 2 AWD runs are watched,
     ("awd_zero0_analysis", "awd_ptb", [*AWD, "train.zero_stage=0", *ANALYSIS]),
     ("vit", "vit_t_early_dropout", VIT),
     ("vit_analysis", "vit_t_early_dropout", [*VIT, *ANALYSIS]),
+    ("vit_log3", "vit_t_early_dropout", [*VIT, "train.log_every=3"]),  # TensorBoard's flushes counted
 ]
 
 
@@ -45,12 +47,20 @@ def _record(trainer, stage: int) -> dict:
             yield ts
 
     def step(*args, **kwargs):
-        if stage == 0:  # the averaged, unclipped gradients are in .grad until the engine clips them
-            rec["pre"].append(float(torch.cat([p.grad.reshape(-1) for p in engine.module.parameters()]).norm()))
         out = engine_step(*args, **kwargs)
         if stage:  # ZeRO keeps them in its own buffers; it reports the norm it clipped by
             rec["pre"].append(float(engine.get_global_grad_norm()))
         return out
+
+    if stage == 0:  # the averaged, unclipped gradients are in .grad until the loop clips them
+        assert trainer.clipper is not None and engine.gradient_clipping() == 0.0  # and DeepSpeed does not
+        clip = trainer.clipper.clip
+
+        def clipped():
+            rec["pre"].append(float(torch.cat([p.grad.reshape(-1) for p in engine.module.parameters()]).norm()))
+            return clip()
+
+        trainer.clipper.clip = clipped
 
     def pre_hook(optimizer, args, kwargs):  # inside the real step: what it is about to consume
         rec["lr"].append([g["lr"] for g in optimizer.param_groups])
@@ -66,6 +76,18 @@ def _record(trainer, stage: int) -> dict:
     recipe.train_steps, engine.step = steps, step
     base.register_step_pre_hook(pre_hook)
     return rec
+
+
+def _count_flushes(tb) -> dict:
+    seen = {"flushes": 0}
+    flush = tb.flush
+
+    def counted():
+        seen["flushes"] += 1
+        flush()
+
+    tb.flush = counted
+    return seen
 
 
 def _rank(rank: int, port: int, data: str, out: str) -> None:
@@ -91,6 +113,8 @@ def _rank(rank: int, port: int, data: str, out: str) -> None:
         trainer = Trainer(spec, cfg, ctx, RunDir(f"{out}/{name}"), resume=False)
         watched = recipe == "awd_ptb" and not cfg.analysis.enabled
         report[name] = _record(trainer, cfg.train.zero_stage) if watched else None
+        if name == "vit_log3" and trainer.monitor.tb is not None:  # rank 0 writes TensorBoard
+            report[name] = _count_flushes(trainer.monitor.tb)
         trainer.fit()
     torch.save(report, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -125,3 +149,20 @@ def test_the_gradient_analysis_leaves_training_unchanged(runs, run):
     assert sorted(scalars(analysed, "analysis/grad_norm")) == list(range(3, steps + 1, 3))  # it ran
     assert [r["step"] for r in rows(plain) if r["split"] == "train"] == list(range(1, steps + 1))
     assert rows(analysed) == rows(plain)  # ==: every loss, rate and the final validation, bit for bit
+
+
+def test_tensorboard_is_flushed_on_the_logging_cadence_and_has_one_learning_rate(runs):
+    """The schedule writes drop/dropout every step; those writes wait for the next record's flush (every
+    train.log_every=3 steps, and the final validation), not one flush per step. DeepSpeed's own monitor stays off:
+    train/lr is the one learning-rate series, on the step axis."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, reports = runs
+    run = out / "vit_log3"
+    records = len(rows(run))
+    assert reports[0]["vit_log3"]["flushes"] <= records + 1, (reports[0]["vit_log3"], records)  # + fit's last
+    assert sorted(scalars(run, "drop/dropout")) == list(range(1, 7))  # every step's rate reached the file
+    assert sorted(scalars(run, "train/lr")) == [3, 6]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("Train/")], acc.Tags()["scalars"]

@@ -1,6 +1,8 @@
 """train.precision: the TF32 switches, the DeepSpeed config each mode gives (timers off, fp32 reduction and
-accumulation), and, on 2 gloo ranks under real DeepSpeed bf16 engines, that the NT-ASGD average, the distance from
-initialization and a checkpoint's weights are those of the fp32 master weights, not of their bf16 copies."""
+accumulation, clipping left to the loop where DeepSpeed's would read back from the device), and, on 2 gloo ranks
+under real DeepSpeed bf16 engines, that the NT-ASGD average, the distance from initialization and a checkpoint's
+weights are those of the fp32 master weights, not of their bf16 copies, and that the loop's clipping and update
+under DeepSpeed's BF16 optimizer step as DeepSpeed's own does, a non-finite gradient included."""
 
 import os
 
@@ -11,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import free_port
+from trainer.clipping import DeviceClipper, clips_on_device
 from trainer.config import AnalysisConfig
 from trainer.distributed import DistContext
 from trainer.engine import deepspeed_config, plan_batch, resolve_precision
@@ -56,13 +59,24 @@ def test_deepspeed_config_turns_the_synchronizing_timers_off(precision):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = awd("train.zero_stage=0")
-    ds = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(8, 1, 0), precision, None))
+    ds = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(8, 1, 0), precision))
     assert not ds.timers_config.enabled and not ds.timers_config.synchronized
     assert not ds.wall_clock_breakdown
     assert ds.communication_data_type == torch.float32 and ds.grad_accum_dtype == "fp32"
     assert ds.bfloat16_config.enabled is (precision == "bf16")
     # DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 from ZeRO stage 1 on (its BF16 optimizer)
     assert ds.zero_optimization_stage == (1 if precision == "bf16" else 0)
+
+
+@pytest.mark.parametrize("precision, stage, loop_clips", [
+    ("fp32", 0, True), ("tf32", 0, True), ("fp32", 1, False), ("fp32", 2, False),  # ZeRO's optimizer clips itself
+    ("bf16", 0, True), ("bf16", 1, True), ("bf16", 2, False),  # bf16 at stage 0 and 1: DeepSpeed's BF16 optimizer
+])
+def test_deepspeed_clips_only_where_the_loop_does_not(precision, stage, loop_clips):
+    ds = deepspeed_config(awd(f"train.zero_stage={stage}"), plan_batch(8, 1, 0), precision)
+    assert ds["gradient_clipping"] == (0.0 if loop_clips else 0.25)
+    assert clips_on_device(precision, stage) is loop_clips
+    assert "tensorboard" not in ds  # the loop writes TensorBoard itself: one learning-rate series, flushed by it
 
 
 # ------------------------------------------------------------------ bf16 engines on 2 gloo ranks
@@ -103,7 +117,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         init = flat({n: p.detach().clone() for n, p in model.named_parameters()})
         analysis = GradientAnalysis(AnalysisConfig(enabled=True), model, ctx)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-        config = deepspeed_config(awd(f"train.zero_stage={stage}"), plan_batch(8, 2, 0), "bf16", None)
+        config = deepspeed_config(awd(f"train.zero_stage={stage}"), plan_batch(8, 2, 0), "bf16")
         engine, _, _, _ = initialize(model, config, optimizer=opt)
         r = {"timer": [engine.tput_timer.config.enabled, engine.tput_timer.config.synchronized],
              "wall_clock": engine.wall_clock_breakdown(), "optimizer": type(engine.optimizer).__name__,
@@ -167,3 +181,68 @@ def test_bf16_average_swap_and_best_use_the_masters(bf16_report):
             assert r["swapped_module_is_rounded_average"], stage
             assert r["masters_restored"] and r["module_restored"], stage  # the next step starts from the iterate
             assert r["best_err"] < 1e-6, (stage, r)  # init_from / evaluate.py read the fp32 average
+
+
+# ------------------------------------------------------------------ the loop's clipping and update under bf16
+CLIP, POISONED = 3.5, 4  # a step whose gradient holds an inf
+
+
+def _update_rank(rank: int, port: int, out: str) -> None:
+    """The same bf16 training twice: DeepSpeed clipping and checking in its BF16 optimizer's step, and the loop's
+    DeviceClipper with the step guard's veto. An inf lands in the gradient at one step: on every rank for DeepSpeed
+    (its check is per rank), on rank 1 only for the loop (the agreement carries it to rank 0)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from trainer.faults import StepGate, agree_on_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    deepspeed.init_distributed("gloo")
+    ctx = DistContext(rank=rank, world=2, local_rank=rank, device=torch.device("cpu"))
+    report = {}
+    for variant in ("deepspeed", "loop"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        gate = StepGate(opt)
+        config = deepspeed_config(awd("train.zero_stage=0"), plan_batch(8, 2, 0), "bf16")
+        if variant == "deepspeed":
+            config["gradient_clipping"] = CLIP
+        engine, _, _, _ = initialize(model, config, optimizer=opt)
+        clipper = DeviceClipper(engine, CLIP) if variant == "loop" else None
+        gen = torch.Generator().manual_seed(100 + rank)
+        r = report[variant] = {"masters": [], "norms": [], "vetoed": [],
+                               "installed": clipper is not None and clipper.bf16}
+        for step in range(1, STEPS + 1):
+            x, y = torch.randn(4, 7, generator=gen), 5 * torch.randn(4, 5, generator=gen)
+            loss = nn.functional.mse_loss(engine(x.bfloat16()).float(), y)
+            engine.backward(loss)
+            if step == POISONED and (variant == "deepspeed" or rank == 1):
+                engine.optimizer.fp32_groups_gradients_flat[0].view(-1)[3] = float("inf")
+            if clipper is not None:
+                norm = clipper.clip()
+                verdict = agree_on_step(ctx, None, torch.isfinite(loss.detach()), norm)
+                gate.closed = verdict.vetoed
+                r["norms"].append(float(norm))
+                r["vetoed"].append(verdict.vetoed)
+            engine.step()
+            gate.closed = False
+            r["masters"].append(flat(fp32_state(engine.module)))
+    torch.save(report, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_loop_clips_and_updates_bf16_as_deepspeed_does(tmp_path):
+    mp.spawn(_update_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        report = torch.load(tmp_path / f"rank{rank}.pt")
+        ours, theirs = report["loop"], report["deepspeed"]
+        assert ours["installed"]
+        assert ours["vetoed"] == [step == POISONED for step in range(1, STEPS + 1)], ours["vetoed"]
+        finite = [n for n in ours["norms"] if n != float("inf")]
+        assert any(n > CLIP for n in finite) and any(n < CLIP for n in finite), finite  # both sides of the clip
+        assert torch.equal(ours["masters"][POISONED - 1], ours["masters"][POISONED - 2])  # the inf step: no update
+        for step, (a, b) in enumerate(zip(ours["masters"], theirs["masters"]), 1):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (rank, step, (a - b).abs().max())

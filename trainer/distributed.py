@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -124,6 +125,12 @@ def device_index(local_rank: int, visible: int) -> int:
     raise ConfigError(f"LOCAL_RANK is {local_rank} but this task sees only {visible} GPUs "
                       f"(CUDA_VISIBLE_DEVICES={shown}); bind one GPU per task (--gpus-per-task=1) or let every "
                       "task see all of its node's GPUs")
+
+
+def deepspeed_args(ctx: DistContext) -> SimpleNamespace:
+    """``deepspeed.initialize``'s ``args``: the device this rank chose (:func:`device_index`) as ``device_rank``.
+    Without it DeepSpeed sets the device to LOCAL_RANK, which a task that sees one GPU does not have."""
+    return SimpleNamespace(device_rank=0 if ctx.device.index is None else ctx.device.index)
 
 
 def join_timeout(lost_rank_timeout_s: float) -> float:

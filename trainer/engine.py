@@ -14,8 +14,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signature, load_weights, read_client_state,
                          read_latest_tag, resolve_tag, step_tag)
+from .clipping import DeviceClipper, clips_on_device
 from .config import RecipeConfig, deep_merge, to_yaml
-from .distributed import DistContext, all_reduce_sums, barrier
+from .distributed import DistContext, all_reduce_sums, barrier, deepspeed_args
 from .errors import CheckpointError, ConfigError, UserError
 from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
@@ -83,7 +84,10 @@ def resolve_precision(cfg: RecipeConfig, recipe_cls: type[Recipe], ctx: DistCont
     return choice
 
 
-def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str, run_dir: RunDir | None) -> dict:
+def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str) -> dict:
+    """DeepSpeed's config for this run. Gradient clipping is the loop's wherever DeepSpeed's own would read back
+    from the device (trainer/clipping.py): there ``gradient_clipping`` is 0. TensorBoard is the loop's own
+    (trainer/monitor.py): DeepSpeed's monitor would add a second learning-rate series, flushed every step."""
     ds: dict[str, Any] = {
         # DeepSpeed's batch arithmetic (train = micro x accumulation x world) only describes even splits;
         # it only feeds its own logging, so an uneven plan gives it the largest micro-batch and no total.
@@ -99,10 +103,14 @@ def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str, run_dir
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "wall_clock_breakdown": False,
     }
-    ds = deep_merge(ds, deepspeed_precision(precision, cfg.train.zero_stage))
-    if run_dir is not None:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(run_dir.path), "job_name": "tensorboard"}
-    return deep_merge(ds, cfg.train.deepspeed)
+    ds = deep_merge(deep_merge(ds, deepspeed_precision(precision, cfg.train.zero_stage)), cfg.train.deepspeed)
+    if clips_on_device(precision, zero_stage_of(ds)):
+        ds["gradient_clipping"] = 0.0
+    return ds
+
+
+def zero_stage_of(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 @dataclass
@@ -161,12 +169,15 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
-            config=deepspeed_config(cfg, self.plan, self.precision, run_dir),
+            config=(ds := deepspeed_config(cfg, self.plan, self.precision)),
+            args=deepspeed_args(ctx),
         )
+        clips = clips_on_device(self.precision, zero_stage_of(ds))  # and DeepSpeed does not (deepspeed_config)
+        self.clipper = DeviceClipper(self.engine, cfg.optim.clip) if clips else None
         if self.analysis is not None:
             self._analysis_grad = make_grad_fn(self.recipe, self.engine, ctx.device)
         seed_everything(cfg.seed + 1000003 * ctx.rank)  # per-rank streams (timm's dropout, mixup; AWD-LSTM keys its own)
-        self.monitor = Monitor(run_dir, ctx, self.engine.monitor)
+        self.monitor = Monitor(run_dir, ctx, tensorboard=True)
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
         self.averager = build_averager(cfg.optim, self.engine.module, ctx)
         self._stop_requested = False
@@ -308,8 +319,9 @@ class Trainer:
             weight = 1.0 if out.size is None else float(out.size)
             engine.backward(loss)
             if k == last:  # after every backward, before DeepSpeed applies the update
-                verdict = agree_on_step(self.ctx, self.preemption.received, finite)
-                self.gate.closed = verdict.nonfinite_rank is not None
+                norm = self.clipper.clip() if self.clipper is not None else None
+                verdict = agree_on_step(self.ctx, self.preemption.received, finite, norm)
+                self.gate.closed = verdict.vetoed
             engine.step()
             for name, v in out.metrics.items():
                 step_metrics[name] = step_metrics.get(name, 0.0) + v.detach().float() * weight
@@ -319,8 +331,8 @@ class Trainer:
         s.step += 1
         s.steps_in_epoch += 1
         s.position = ts.position
-        if verdict.nonfinite_rank is not None:
-            self._skip_nonfinite(verdict.nonfinite_rank)
+        if verdict.vetoed:
+            self._skip_nonfinite(verdict)
         else:
             s.consecutive_skips = 0
             for name, v in step_metrics.items():
@@ -330,7 +342,7 @@ class Trainer:
                 self.averager.after_step(s.step)
         return lr, verdict
 
-    def _skip_nonfinite(self, rank: int) -> None:
+    def _skip_nonfinite(self, verdict: StepVerdict) -> None:
         """The update was vetoed on every rank: the weights and optimizer state are those of the last step."""
         s = self.state
         policy = self.cfg.train.on_nonfinite
@@ -338,18 +350,21 @@ class Trainer:
         s.consecutive_skips += 1
         self.monitor.scalars(s.step, {"train/skipped_steps": s.skipped_steps})
         kept = read_latest_tag(self.run_dir.checkpoints) or "none yet"
+        rank = verdict.nonfinite_rank
         if policy == "stop":
+            cause = (f"the gradient norm is nan or inf at step {s.step}" if rank is None
+                     else f"training loss is nan or inf at step {s.step} (rank {rank})")
             raise TrainingError(
-                f"training loss is nan or inf at step {s.step} (rank {rank}); stopped without applying that step, "
-                f"the last good checkpoint ({kept}) is kept: lower optim.lr or raise optim.clip, or set "
-                "train.on_nonfinite=skip, then --resume")
+                f"{cause}; stopped without applying that step, the last good checkpoint ({kept}) is kept: lower "
+                "optim.lr or raise optim.clip, or set train.on_nonfinite=skip, then --resume")
         if s.consecutive_skips > self.cfg.train.max_consecutive_skips:
             raise TrainingError(
-                f"training loss was nan or inf for {s.consecutive_skips} steps in a row up to step {s.step}; "
-                f"the run has diverged, the last good checkpoint ({kept}) is kept: lower optim.lr or raise "
+                f"training loss or gradient was nan or inf for {s.consecutive_skips} steps in a row up to step "
+                f"{s.step}; the run has diverged, the last good checkpoint ({kept}) is kept: lower optim.lr or raise "
                 "optim.clip, then --resume")
-        log.warning("step %d: loss is nan or inf (rank %d): update skipped, %d skipped so far "
-                    "(train.on_nonfinite=skip)", s.step, rank, s.skipped_steps)
+        log.warning("step %d: %s: update skipped, %d skipped so far (train.on_nonfinite=skip)", s.step,
+                    "gradient norm is nan or inf" if rank is None else f"loss is nan or inf (rank {rank})",
+                    s.skipped_steps)
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -359,7 +374,10 @@ class Trainer:
         """Train to the end, or to a preemption checkpoint. (A failure, this rank's or a peer's, ends the job
         through ``trainer.cli.guarded`` and the watchdog; the signal handlers stay until then, so a launcher's
         SIGTERM that follows a peer's death cannot end this rank before it has said what happened.)"""
-        state = self._fit()
+        try:
+            state = self._fit()
+        finally:
+            self.monitor.flush()  # what was written since the last record, whatever ended the run
         self.preemption.close()
         return state
 
