@@ -300,7 +300,7 @@ def test_worker_count_follows_the_cpus_this_rank_may_use(machine, env, cpus):
     for var, value in env.items():
         machine.setenv(var, value)
     assert cpus_per_rank() == cpus
-    assert default_workers() == min(8, cpus)
+    assert default_workers() == max(1, cpus - 1)  # one CPU for the training process itself
 
 
 def test_loader_settings(tree, tf):

@@ -4,6 +4,7 @@ that do not divide the images), and resume mid-schedule; a 2-rank ViT trains fro
 mid-epoch where its stream was."""
 
 import json
+import re
 import shutil
 from datetime import timedelta
 
@@ -270,3 +271,31 @@ def test_gradient_analysis_is_logged_on_two_ranks(images, tmp_path):
     assert values["grad_norm"][3] > 0
     for tag in ("grad_direction_variance", "grad_direction_error"):
         assert all(0.0 < x < 2.0 for x in values[tag].values()), (tag, values[tag])
+
+
+COMPILED = ["data.format=synthetic", "data.train_size=1000", "model.num_classes=4", "data.image_size=32",
+            "data.batch_size=8", "data.workers=1", *VIT, "train.log_every=1", "train.progress=false",
+            "train.test_at_end=false", "train.max_steps=6", "train.checkpoint_every=3", "train.epochs=4",
+            "drop.cutoff_epoch=2", "drop.drop_path=0.1"]  # dropout and depth both fall linearly every step
+
+
+def test_a_compiled_model_follows_the_schedule_without_recompiling_and_resumes_exactly(tmp_path):
+    """train.compile=true with linear early dropout and stochastic depth: every step's rates reach the model (the
+    losses are the eager run's to float rounding: the draws come from the same eager modules), torch recompiles
+    only for evaluation (grad mode), never for a rate, and a resume from step 3 logs the uninterrupted rows."""
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    out = check(launch("train.py", ["--recipe", "vit_t_early_dropout", "--run-dir", str(compiled), "--set", *COMPILED,
+                                    "train.compile=true"], env={"TORCH_LOGS": "recompiles"}))
+    reasons = re.findall(r"\[__recompiles\]\s+- \d+/\d+: (.*)", out)  # what each recompile's guard saw change
+    assert reasons and all("grad_mode" in r for r in reasons), reasons
+    check(launch("train.py", ["--recipe", "vit_t_early_dropout", "--run-dir", str(eager), "--set", *COMPILED]))
+    rates = scalars(compiled, "drop/dropout")
+    assert rates == scalars(eager, "drop/dropout") and sorted(rates.values(), reverse=True) == list(rates.values())
+    assert len(set(rates.values())) == 6  # a new rate every step
+    loss = {r["step"]: r["loss"] for r in records(compiled, "train")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in records(eager, "train")}, rel=1e-5)
+    resumed = cut(compiled, tmp_path / "resumed", 3)
+    check(launch("train.py", ["--run-dir", str(resumed), "--resume"]))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in rows]  # noqa: E731
+    assert strip(records(resumed, "train")) == strip(records(compiled, "train"))
+    assert strip(records(resumed, "valid")) == strip(records(compiled, "valid"))

@@ -55,3 +55,9 @@ def test_batches_reach_the_model_normalized(recipe):
     want = recipe.normalize(raw.unsqueeze(0))[0]
     kept = images[0] == want  # random erasing may have replaced a box of it with noise
     assert kept.float().mean() > 0.5 and torch.equal(images[0][kept], want[kept])
+
+
+def test_adamw_runs_torchs_multi_tensor_loop_on_cpu(recipe):
+    """One kernel per step on CUDA (fused, tests/test_gpu.py); torch's foreach loop over the tensors elsewhere."""
+    opt = recipe.build_optimizer(recipe.build_model())
+    assert type(opt).__name__ == "AdamW" and opt.defaults["foreach"] is True and not opt.defaults["fused"]

@@ -27,8 +27,8 @@ class ImageDataConfig(DataConfig):
     train_size: int = Field(0, ge=0, description="wds, synthetic: training images (sets the epoch length)")
     image_size: int = Field(224, ge=8, description="input size; the model is built for it")
     eval_batch_size: int = Field(0, ge=0, description="global; 0 = 1.5x the training batch")
-    workers: int = Field(-1, ge=-1, description="loader processes per rank; -1 = min(8, the CPUs this rank may "
-                         "use: affinity mask or SLURM_CPUS_PER_TASK, over the ranks sharing them)")
+    workers: int = Field(-1, ge=-1, description="loader processes per rank; -1 = the CPUs this rank may use "
+                         "(affinity mask or SLURM_CPUS_PER_TASK, over the ranks sharing them) but one, at least 1")
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = Field(0.4, ge=0.0)
     reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
@@ -57,6 +57,8 @@ class ImageOptimConfig(OptimConfig):
 class ImageTrainConfig(TrainConfig):
     epochs: int = Field(300, ge=1)
     log_every: int = 100
+    compile: bool = Field(False, description="torch.compile the model; modules whose rate a linear schedule changes "
+                          "every step stay eager (recipes/imagenet/compile.py)")
 
 
 class ImageNetConfig(RecipeConfig):

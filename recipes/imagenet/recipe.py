@@ -24,6 +24,7 @@ from trainer.errors import ConfigError, DataError
 from trainer.recipe import MicroResult, Recipe, TrainStep
 from trainer.schedules import DropSites, prepare_drop_path
 
+from .compile import compile_model
 from .config import ImageDataConfig, ImageNetConfig
 from .data.loading import eval_loader, train_loader
 from .data.splits import open_split
@@ -112,6 +113,9 @@ class ImageNetRecipe(Recipe):
                  sum(p.numel() for p in model.parameters()) / 1e6, blocks, size)
         if m.channels_last and self.ctx.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        if self.cfg.train.compile and self.plan is not None:  # training (launch/evaluate.py runs eagerly)
+            eager = compile_model(model, self.dropout_schedule, self.drop_path_schedule)
+            log.info("torch.compile: the model, around %d modules left eager for the per-step schedules", len(eager))
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -119,6 +123,8 @@ class ImageNetRecipe(Recipe):
 
         o = self.cfg.optim
         extra = dict(betas=tuple(o.betas), eps=o.eps) if o.optimizer == "adamw" else dict(momentum=o.momentum)
+        if o.optimizer == "adamw":  # one fused kernel per step on CUDA; torch's multi-tensor loop elsewhere
+            extra |= dict(fused=True) if self.ctx.device.type == "cuda" else dict(foreach=True)
         # weight decay skips biases, norms and the tokens / position embeddings timm names in no_weight_decay()
         return create_optimizer_v2(model, opt=o.optimizer, lr=o.lr, weight_decay=o.weight_decay, **extra)
 
@@ -213,11 +219,13 @@ class ImageNetRecipe(Recipe):
         if split != "valid":
             raise DataError(f"the ImageNet recipes have no labelled '{split}' split; evaluate --split valid")
         dev, dtype = self.ctx.device, _param_dtype(model)
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top-1 hits, top-5 hits, images
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, top-1 hits, top-5 hits
+        n = 0  # images, counted on the host: a tensor built from it would be a copy to the device per batch
         skipped_before = self.val_loader.skipped
         for images, labels, _ in self.val_loader:
             if images.size(0) == 0:
                 continue
+            n += labels.numel()
             images = self.normalize(images.to(dev, non_blocking=True))
             labels = labels.to(dev, non_blocking=True)
             if self.cfg.model.channels_last and dev.type == "cuda":
@@ -226,10 +234,9 @@ class ImageNetRecipe(Recipe):
             top = logits.topk(min(5, logits.size(-1)), -1).indices
             hits = top == labels.unsqueeze(-1)
             sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                 hits[:, :1].sum().double(), hits.sum().double(),
-                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=dev)])
-        loss, top1, top5, n = sums.tolist()
-        out = {"loss_sum": loss, "top1_hits": top1, "top5_hits": top5, "images": n,
+                                 hits[:, :1].sum().double(), hits.sum().double()])
+        loss, top1, top5 = sums.tolist()
+        out = {"loss_sum": loss, "top1_hits": top1, "top5_hits": top5, "images": float(n),
                "skipped_val_images": float(self.val_loader.skipped - skipped_before)}
         if self.plan is not None:  # training: report the unreadable training images so far, summed over ranks
             out["skipped_train_images"] = float(self.loader.skipped)

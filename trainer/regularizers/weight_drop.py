@@ -92,7 +92,7 @@ class WeightDropLSTM(nn.Module):
 
     def _weights(self, x: Tensor, mask: Optional[Tensor]) -> list[Tensor]:
         params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
-        if x.is_cuda and torch.backends.cudnn.is_acceptable(x):
+        if torch.cudnn_is_acceptable(x):  # the test the LSTM op itself takes cuDNN by (bf16 included, cuDNN 9.13+)
             if self._cudnn is None or not self._cudnn.fits(self.weight_hh):
                 self._cudnn = _CudnnWeights(self.weight_ih, self.weight_hh)
             return self._cudnn.write(params, mask)

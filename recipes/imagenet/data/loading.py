@@ -24,10 +24,9 @@ log = logging.getLogger(__name__)
 
 # Batches each worker keeps ready. The input rate is set by the worker count, not by this: the queue only absorbs
 # a slow batch (large JPEGs, RandAugment's costlier ops) on one worker while the others go on, and workers x 2
-# batches is already that many steps of slack. Each queued batch sits in shared memory: at the paper's 128 images
-# per rank and 224 px, 8 workers x 2 x 19 MB (uint8) = 0.3 GB per rank.
+# batches is already that many steps of slack. Each queued batch sits in shared memory (/dev/shm): at the paper's
+# 128 images per rank and 224 px, 15 workers x 2 x 19 MB (uint8) = 0.6 GB per rank.
 PREFETCH_FACTOR = 2
-MAX_WORKERS = 8  # per rank: decoding and RandAugment at ~10 ms an image on one core
 
 
 class Batch(NamedTuple):
@@ -111,8 +110,10 @@ class EpochLoader:
 
 
 def default_workers() -> int:
-    """Loader processes per rank: its CPUs (:func:`cpus_per_rank`), at most ``MAX_WORKERS``."""
-    return min(MAX_WORKERS, cpus_per_rank())
+    """Loader processes per rank: its CPUs (:func:`cpus_per_rank`) but one, which the training process itself
+    keeps busy (launching the device's work, collating), and at least one. Decoding and RandAugment cost ~10 ms
+    an image on one core, so a GPU rank wants every CPU it may use: a fixed cap starves a fast device."""
+    return max(1, cpus_per_rank() - 1)
 
 
 def _dataloader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: int, seed: int, *,
