@@ -38,6 +38,9 @@ SECTIONS = [
     ("bad_inputs", "Bad input (issue 6)", "python bench/bad_inputs.py"),
     ("cluster", "Clusters: two hosts over ssh, a Slurm cluster (issue 11)",
      "python bench/cluster.py --rounds 2 --steps 240 --requeues 2"),
+    ("gpu_rehearsal", "GPU check rehearsal: the GPU machine's Python and torch, on CPU (issue 20)",
+     "bash bench/gpu_rehearsal.sh"),
+    ("gpu_check", "GPU check (issue 20)", "bash bench/gpu_check.sh runs/gpu_check"),
 ]
 
 PREAMBLE = """# Benchmarks
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         code = commit()  # read before the run: the code that ran, whatever is committed meanwhile
         started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
         print(f"== {command}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        argv = command.split()
+        argv[0] = sys.executable if argv[0] == "python" else argv[0]  # this interpreter (the venv's) for python
+        proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
         sys.stderr.write(proc.stdout)
         sections = existing()
         sections[name] = section(name, heading, command, proc.returncode, proc.stdout, started,

@@ -1,15 +1,20 @@
-"""What only a CUDA device can show: bf16 end to end, TF32 really off under fp32, host syncs per optimizer step,
-the device RNG across a resume, the fused cuDNN LSTM under weight drop, and the gradient analysis of an AWD-LSTM.
-Every test skips on a machine without CUDA; bench/gpu_check.sh runs them on one GPU."""
+"""What only a CUDA device can show: bf16 end to end, TF32 really off under fp32 (matmuls, cuDNN convolutions and
+LSTMs), one host sync per optimizer step (named by source) and none per evaluation batch, the device a one-GPU task
+ends up on whatever its LOCAL_RANK, the device RNG across a resume, the fused cuDNN LSTM under weight drop in fp32 and
+bf16 and its agreement with PyTorch's own LSTM, fused AdamW, and the gradient analysis of an AWD-LSTM. Every test
+skips on a machine without CUDA; bench/gpu_check.sh runs them on one GPU."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from conftest import check, launch, make_image_folder
+from conftest import ROOT, check, free_port, launch, launcher_env, make_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: bf16, TF32, cuDNN and host syncs exist only there")
@@ -57,52 +62,119 @@ def test_bf16_vit_t_end_to_end(tmp_path):
 
 
 # ------------------------------------------------------------------ (b) TF32 off under fp32
-def test_fp32_turns_tf32_off_and_matmuls_are_ieee():
+def _relative_errors() -> dict[str, float]:
+    """Each op's largest error against float64, relative to the largest value: IEEE fp32 gives ~1e-6, TF32's 10-bit
+    mantissa ~1e-3."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rel(out: torch.Tensor, exact: torch.Tensor) -> float:
+        return ((out.double() - exact).abs().max() / exact.abs().max()).item()
+
+    a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
+    x, w = torch.randn(8, 64, 32, 32, device="cuda", generator=g), torch.randn(64, 64, 3, 3, device="cuda", generator=g)
+    lstm = torch.nn.LSTM(256, 512).cuda()
+    seq = torch.randn(35, 16, 256, device="cuda", generator=g)
+    return {"matmul": rel(a @ b, a.double() @ b.double()),
+            "conv": rel(torch.nn.functional.conv2d(x, w), torch.nn.functional.conv2d(x.double(), w.double())),
+            "lstm": rel(lstm(seq)[0], lstm.double()(seq.double())[0])}
+
+
+def test_fp32_turns_tf32_off_for_matmuls_convolutions_and_lstms():
     from trainer.precision import apply_precision
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         apply_precision("tf32")
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        tf32 = _relative_errors()
         apply_precision("fp32")
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        g = torch.Generator(device="cuda").manual_seed(0)
-        a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
-        exact = a.double() @ b.double()
-        err = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
-        assert err < 1e-5, err  # TF32's 10-bit mantissa gives ~1e-3
+        fp32 = _relative_errors()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert all(err < 1e-5 for err in fp32.values()), fp32
+    assert tf32["matmul"] > 1e-4 and tf32["conv"] > 1e-4, tf32  # the test can tell TF32 from IEEE on this GPU
 
 
 # ------------------------------------------------------------------ (c) host syncs per optimizer step
-def _syncs_during_fit(corpus, tmp_path, steps: int) -> int:
+def _syncs_per_step(corpus, tmp_path, precision: str) -> dict[str, float]:
+    from trainer.commands import fit_in_process
+    from trainer.host_syncs import count_host_syncs, per_step
+
+    counts = []
+    for steps in (4, 14):
+        sets = [*SMALL_AWD, f"data.root={corpus}", f"train.max_steps={steps}", f"train.precision={precision}",
+                "train.log_every=100000", "train.eval_every=100000", "train.checkpoint_every=100000"]
+        with count_host_syncs() as c:
+            fit_in_process("awd_ptb", sets, tmp_path / f"run-{precision}-{steps}")
+        counts.append(c)
+    return per_step(*counts, 10)
+
+
+def _agreement_line() -> str:
+    """trainer/faults/step_guard.py's line that reads the agreed flags back (``flags.tolist()``)."""
+    from trainer.faults import step_guard
+
+    lines = open(step_guard.__file__).read().splitlines()
+    return f"trainer/faults/step_guard.py:{next(i for i, l in enumerate(lines, 1) if '.tolist()' in l)}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_host_sync_per_optimizer_step(corpus, tmp_path, precision):
+    """The step guard reads its one small all-reduced flag vector per step; nothing else reads back or copies from
+    the host, DeepSpeed's clipping and its BF16 optimizer's checks included (the loop does them on the device). A
+    new sync fails this test by its file and line."""
+    assert _syncs_per_step(corpus, tmp_path, precision) == {_agreement_line(): 1.0}
+
+
+def test_imagenet_evaluation_has_no_sync_per_batch(tmp_path):
+    """Evaluation reads its sums back once, whatever the number of batches."""
     from trainer.distributed import init_distributed
-    from trainer.engine import Trainer
+    from trainer.evaluation import evaluate_split
+    from trainer.host_syncs import count_host_syncs
     from trainer.registry import get_recipe
-    from trainer.rundir import RunDir
 
-    spec = get_recipe("awd_ptb")
-    cfg = spec.load_config([], [*SMALL_AWD, f"data.root={corpus}", f"train.max_steps={steps}",
-                                "train.log_every=100000", "train.eval_every=100000",
-                                "train.checkpoint_every=100000"])
-    trainer = Trainer(spec, cfg, init_distributed(), RunDir(tmp_path / f"run{steps}"), resume=False)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.fit()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    spec = get_recipe("vit_t")
+    ctx = init_distributed()
+    counts = []
+    for images in (32, 96):
+        cfg = spec.load_config([], ["data.format=synthetic", f"data.train_size={25 * images}", "model.num_classes=10",
+                                    "data.image_size=32", "data.eval_batch_size=16", "data.workers=0",
+                                    "model.kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}"])
+        recipe = spec.factory(cfg, ctx, None)
+        recipe.setup()
+        model = recipe.build_model().to(ctx.device)
+        with count_host_syncs() as c:
+            evaluate_split(recipe, model, "valid", ctx)
+        counts.append(sum(c.values()))
+    assert counts[0] == counts[1], counts  # 2 batches or 6: the same reads
 
 
-def test_one_host_sync_per_optimizer_step(corpus, tmp_path):
-    """The step guard reads its one small all-reduced flag vector per step (agree_on_step's ``tolist``); the
-    end-of-run validation and checkpoint are the same in both runs and cancel out."""
-    few, more = _syncs_during_fit(corpus, tmp_path, 4), _syncs_during_fit(corpus, tmp_path, 12)
-    assert (more - few) / 8 <= 1.0, (few, more)
+def test_a_one_gpu_task_runs_on_that_gpu_whatever_its_local_rank(corpus, tmp_path):
+    """--gpus-per-task=1 (here: one visible device) with LOCAL_RANK=1: the rank picks device 0, and DeepSpeed's
+    engine, the parameters and the current device are that one (DeepSpeed alone would set_device(LOCAL_RANK))."""
+    env = launcher_env({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+                        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "probes" / "device_probe.py"), str(corpus),
+                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"chosen": "cuda:0", "engine": "cuda:0", "parameters": ["cuda:0"], "current": 0, "steps": 2}
+
+
+def test_adamw_is_fused_on_cuda():
+    from trainer.distributed import DistContext
+    from trainer.engine import plan_batch
+    from trainer.registry import get_recipe
+
+    spec = get_recipe("vit_t")
+    cfg = spec.load_config([], ["data.format=synthetic", "data.train_size=64", "model.num_classes=4",
+                                "data.image_size=32", "data.batch_size=8", "model.kwargs={patch_size: 8}"])
+    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cuda", 0)), plan_batch(8, 1, 0))
+    recipe.setup()
+    opt = recipe.build_optimizer(recipe.build_model().cuda())
+    assert type(opt).__name__ == "AdamW" and opt.defaults["fused"] is True
 
 
 # ------------------------------------------------------------------ (d) the device RNG across a resume
@@ -121,21 +193,53 @@ def test_cuda_rng_state_is_restored():
 
 
 # ------------------------------------------------------------------ (e) the fused cuDNN LSTM under weight drop
-def test_weight_drop_lstm_runs_the_fused_cudnn_kernel():
+def _cudnn_takes(dtype: torch.dtype) -> bool:
+    return torch.cudnn_is_acceptable(torch.zeros(2, 2, 2, device="cuda", dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_drop_lstm_runs_the_fused_cudnn_kernel(dtype):
+    if not _cudnn_takes(dtype):
+        pytest.skip(f"this PyTorch's cuDNN takes no {dtype} LSTM (bf16 needs cuDNN 9.13+): PyTorch's own LSTM runs")
     from trainer.regularizers.weight_drop import WeightDropLSTM
 
-    lstm = WeightDropLSTM(32, 64, weight_drop=0.5).cuda().train()
-    x = torch.randn(20, 4, 32, device="cuda", requires_grad=True)
+    lstm = WeightDropLSTM(32, 64, weight_drop=0.5).cuda().to(dtype).train()
+    x = torch.randn(20, 4, 32, device="cuda", dtype=dtype, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught, torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         warnings.simplefilter("always")
-        out = lstm(x)
-        out = out[0] if isinstance(out, tuple) else out
-        out.sum().backward()
+        for _ in range(2):  # the second forward reuses the flat buffer the first wrote
+            out = lstm(x)[0]
+            out.float().sum().backward()
         torch.cuda.synchronize()
     assert not [w for w in caught if "single contiguous chunk of memory" in str(w.message)]
     names = {e.key for e in prof.key_averages()}
     assert any("cudnn_rnn" in n for n in names), sorted(names)[:40]
+    assert lstm._cudnn is not None and lstm._cudnn.flat.dtype == dtype
+
+
+def test_flat_buffer_lstm_equals_pytorchs_own_lstm_with_the_same_mask():
+    """cuDNN with the weights written into its flat buffer against PyTorch's LSTM (cuDNN off) on the same masked
+    weights: outputs and every gradient within 1e-5, in fp32 with TF32 off."""
+    from trainer.precision import apply_precision
+    from trainer.regularizers.weight_drop import WeightDropLSTM
+
+    apply_precision("fp32")
+    torch.manual_seed(0)
+    lstm = WeightDropLSTM(32, 64, weight_drop=0.5).cuda().train()
+    x = torch.randn(20, 4, 32, device="cuda")
+    mask = lstm.draw_mask().clone()
+    results = []
+    for cudnn in (True, False):
+        with torch.backends.cudnn.flags(enabled=cudnn):
+            lstm.zero_grad()
+            xi = x.clone().requires_grad_()
+            out, (h, c) = lstm(xi, mask=mask)
+            (out.pow(2).sum() + h.sum() + c.sum()).backward()
+            results.append([out, h, c, xi.grad] + [p.grad.clone() for p in lstm.parameters()])
+    assert lstm._cudnn is not None  # the first pass did take the flat buffer
+    for fused, plain in zip(*results):
+        assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5), (fused - plain).abs().max()
 
 
 # ------------------------------------------------------------------ (f) gradient analysis on CUDA

@@ -83,6 +83,18 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def fit_in_process(recipe: str, overrides: list[str], run_dir: str | Path):
+    """Train ``recipe`` in this process on the rank its environment describes (one rank when none): what a
+    benchmark or a test that watches the engine from inside runs. Returns the finished Trainer."""
+    from .distributed import init_distributed
+    from .engine import Trainer
+
+    spec = get_recipe(recipe)
+    trainer = Trainer(spec, spec.load_config([], overrides), init_distributed(), RunDir(run_dir), resume=False)
+    trainer.fit()
+    return trainer
+
+
 def evaluate(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     spec = get_recipe(_saved_recipe(run))
