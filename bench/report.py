@@ -25,7 +25,10 @@ REPORT = REPO / "BENCHMARKS.md"
 SECTIONS = [
     ("awd_throughput", "AWD-LSTM training throughput (issue 2)", "python bench/awd_throughput.py"),
     ("weight_drop_cost", "AWD-LSTM: cost of weight drop (issue 2)", "python bench/weight_drop_cost.py"),
-    ("awd_one_epoch", "AWD-LSTM: one epoch on 1 and 2 ranks (issue 12)", "python bench/awd_one_epoch.py"),
+    ("awd_one_epoch", "AWD-LSTM: one epoch, seeds 1-3 on 1 rank and seed 1 on 2 ranks (issues 12, 21)",
+     "python bench/awd_one_epoch.py"),
+    ("awd_learning_curve", "AWD-LSTM: five epochs on 2 ranks, a healthy learning curve (issue 21)",
+     "python bench/awd_learning_curve.py"),
     ("shared_draws_cost", "AWD-LSTM: masks drawn for the global batch (issue 12)",
      "python bench/shared_draws_cost.py"),
     ("asgd_cost", "NT-ASGD: cost of the running average (issue 3)", "python bench/asgd_cost.py --launch"),
@@ -67,8 +70,11 @@ def commit() -> str:
 
 def section(name: str, heading: str, command: str, status: int, stdout: str, started: str, seconds: float,
             code: str) -> str:
+    """The section, stdout verbatim in a code block; a printed markdown image line (``![what](path)``, a figure
+    the benchmark drew) is also shown as the image below it."""
+    images = "".join(f"\n{line}\n" for line in stdout.splitlines() if re.match(r"^!\[[^\]]*\]\([^)]+\)$", line))
     return (f"{marker(name)}\n## {heading}\n\n`{command}` at commit `{code}`, started {started}, "
-            f"{seconds / 60:.1f} min, exit status {status}. It printed:\n\n```\n{stdout.rstrip()}\n```\n"
+            f"{seconds / 60:.1f} min, exit status {status}. It printed:\n\n```\n{stdout.rstrip()}\n```\n{images}"
             f"{marker(name, end=True)}\n")
 
 

@@ -129,12 +129,14 @@ def runs(tmp_path_factory, ptb_slice):
 
 @pytest.mark.parametrize("stage", ["awd_zero0", "awd_zero2"])
 def test_the_stepped_optimizer_gets_the_rescaled_rate_and_clipped_gradients(runs, stage):
-    _, reports = runs
+    out, reports = runs
     rec = reports[0][stage]
     assert all(len(v) == STEPS for v in rec.values()), rec
     assert reports[1][stage] == rec  # both ranks stepped the same rate and the same global norm
     assert len(set(rec["seq_len"])) > 2, rec["seq_len"]  # the sampler varied the length
     assert rec["lr"] == [[pytest.approx(LR * n / BPTT, rel=1e-12)] for n in rec["seq_len"]]
+    logged = [(r["lr"], r["lr_applied"]) for r in rows(out / stage) if r["split"] == "train"]
+    assert logged == [(LR, lr) for (lr,) in rec["lr"]]  # metrics.jsonl: scheduled, and what the step used
     pre, post = rec["pre"], rec["post"]
     assert any(g > CLIP for g in pre) and any(g < CLIP for g in pre), pre  # both sides of the clip
     assert all(g <= CLIP for g in post), post

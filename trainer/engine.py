@@ -272,13 +272,16 @@ class Trainer:
         per = self.recipe.steps_per_epoch()
         return self.state.epoch + (self.state.steps_in_epoch / per if per else 0.0)
 
-    def _set_lr(self, scale: float) -> float:
+    def _set_lr(self, scale: float) -> tuple[float, float]:
+        """Set the step's learning rate: the schedule's, times the step's own scale (e.g. AWD-LSTM's BPTT rescale).
+        Returns (scheduled, applied) as ``optim.lr`` sees them."""
         factor = self.recipe.lr_factor(self.state.step)
         for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor * scale
-        return self.cfg.optim.lr * factor
+        return self.cfg.optim.lr * factor, self.cfg.optim.lr * factor * scale
 
-    def _log_train(self, window: dict, lr: float) -> None:
+    def _log_train(self, window: dict, lr: tuple[float, float]) -> None:
+        """One ``train`` record for the window; ``lr``: the (scheduled, applied) rate of its last step."""
         elapsed = max(time.perf_counter() - window.pop("_t0"), 1e-9)
         sums = all_reduce_sums({k: float(v) for k, v in window.items()}, self.ctx)
         n = sums.pop("_weight")
@@ -292,15 +295,16 @@ class Trainer:
             extra["skipped_steps"] = s.skipped_steps
         if self.averager is not None and self.averager.start_step is not None:
             extra["asgd_start_step"] = self.averager.start_step
-        self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr}, extra)
+        extra["lr_applied"] = lr[1]
+        self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr[0]}, extra)
         self.monitor.scalars(s.step, {**{f"perf/{k}": v for k, v in rate.items()}, **averaging})
-        self.monitor.console(f"step {s.step} epoch {self._epoch_progress():.2f}", {**metrics, "lr": lr, **rate})
+        self.monitor.console(f"step {s.step} epoch {self._epoch_progress():.2f}", {**metrics, "lr": lr[0], **rate})
         if self._bar is not None:
             self._bar.set_postfix({k: _short(v) for k, v in {**metrics, **rate}.items()})
 
-    def _step(self, ts, window: dict) -> tuple[float, StepVerdict]:
-        """One optimizer step over the step's micro-batches; returns the scheduled learning rate and what the
-        ranks agreed on before the update (a non-finite loss anywhere vetoes it, a signal anywhere preempts)."""
+    def _step(self, ts, window: dict) -> tuple[tuple[float, float], StepVerdict]:
+        """One optimizer step over the step's micro-batches; returns its (scheduled, applied) learning rate and what
+        the ranks agreed on before the update (a non-finite loss anywhere vetoes it, a signal anywhere preempts)."""
         recipe, engine, s = self.recipe, self.engine, self.state
         lr = self._set_lr(ts.lr_scale)
         self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
@@ -388,7 +392,7 @@ class Trainer:
         self.engine.module.train()
         window: dict = {}
         self._bar = None
-        lr = self.cfg.optim.lr
+        lr = (self.cfg.optim.lr, self.cfg.optim.lr)
         while not self._done() and s.epoch < cfg.epochs:
             self._open_bar()
             for ts in self.recipe.train_steps(s.epoch, s.position):

@@ -147,7 +147,13 @@ def eval_columns(ncols: int, rank: int, world: int) -> range:
 
 
 class BpttSampler:
-    """The paper's variable-length BPTT, from a seeded generator all ranks share, resumable exactly."""
+    """The paper's variable-length BPTT, from a seeded generator all ranks share, resumable exactly.
+
+    A draw is the reference's (``main.py``): ``bptt`` with probability 0.95, else ``bptt / 2``, plus N(0, 5), at
+    least 5 and never capped (its cap is commented out). The step's learning rate is scaled by the drawn length;
+    the batch is cut to the rows left in the epoch only afterwards (:func:`get_batch`), so an epoch's last step
+    runs at the drawn length's rate, as the reference's does.
+    """
 
     def __init__(self, bptt: int, seed: int) -> None:
         if bptt < 1:
@@ -156,13 +162,9 @@ class BpttSampler:
         self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def next_len(self, remaining: int) -> int:
-        if remaining < 1:
-            raise ValueError(f'remaining must be >= 1, got {remaining}')
+    def next_len(self) -> int:
         base = self.bptt if self.rng.random() < 0.95 else self.bptt / 2
-        seq_len = max(5, int(self.rng.normal(base, 5)))
-        seq_len = min(seq_len, self.bptt + 20)
-        return min(seq_len, remaining)
+        return max(5, int(self.rng.normal(base, 5)))
 
     def state_dict(self) -> dict:
         """128-bit PCG64 words as decimal strings, so any JSON reader keeps them exact."""

@@ -77,13 +77,13 @@ class AWDLSTMRecipe(Recipe):
             self.hidden = None  # the paper starts every epoch from a zero state
         i = position or 0
         while i < data.size(0) - 2:
-            seq_len = self.sampler.next_len(data.size(0) - 1 - i)
-            inputs, targets = get_batch(data, i, seq_len)
+            seq_len = self.sampler.next_len()  # the drawn length sets the step's rate, as the reference's does,
+            inputs, targets = get_batch(data, i, seq_len)  # though the epoch's last batch is cut to the rows left
             i += seq_len
             micro = [(k, cols, inputs[:, cols.start - plan.offset:cols.stop - plan.offset],
                       targets[:, cols.start - plan.offset:cols.stop - plan.offset])
                      for k, cols in enumerate(plan.micro_slices())]
-            yield TrainStep(micro, units=seq_len * plan.per_rank, position=i, lr_scale=seq_len / bptt)
+            yield TrainStep(micro, units=inputs.size(0) * plan.per_rank, position=i, lr_scale=seq_len / bptt)
 
     def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
         """Early / late dropout (``drop.*``): each scheduled rate set on the model, read back for TensorBoard; then
