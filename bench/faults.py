@@ -208,6 +208,23 @@ def error_shown(job: Job) -> bool:
     return any(line.startswith("error: ") for line in job.log.read_text(errors="replace").splitlines())
 
 
+def rebuilt_op(job: Job, run_dir: Path):
+    """The run was started (just now) with an empty extensions folder (SCENARIO_ENV), so DeepSpeed builds its CPU
+    op while the ranks start: there is no data to lose yet; the run must train on to its end. Notes what was built
+    and how long the start took."""
+    started = time.monotonic()
+    first = None
+    while not job.gone():
+        if first is None and logged_steps(run_dir):
+            first = time.monotonic() - started
+        time.sleep(0.05)
+    folder = Path(SCENARIO_ENV["op_rebuild"](run_dir.parent)["TORCH_EXTENSIONS_DIR"])
+    built = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.so"))
+    notes = [f"built into the empty extensions folder while the ranks started: {', '.join(built) or 'nothing'}",
+             "first step logged " + (f"{first:.0f} s after the start" if first is not None else "never")]
+    return Snapshot([], {}), None, {}, notes
+
+
 def truncate_latest(job: Job, run_dir: Path):
     """After the run's end, the latest checkpoint's model states cut to half their size (a copy cut short)."""
     job.wait_gone()
@@ -233,7 +250,13 @@ SCENARIOS = {
                  ["train.on_nonfinite=skip", f"train.max_steps={OWN_STEP + 2}"], f"nan_loss@{OWN_STEP}:1", False),
     "truncated_checkpoint": ("latest checkpoint cut to half its size, after the run", truncate_latest,
                              ["train.max_steps=10"], None, True),
+    "op_rebuild": ("2 ranks start on an empty extensions folder: DeepSpeed's CPU op (deepspeed_shm_comm) is built "
+                   "while they start, longer than lost_rank_timeout_s=5", rebuilt_op,
+                   [f"train.max_steps={FAULT_STEP + 2}", "train.lost_rank_timeout_s=5"], None, False),
 }
+# Environment a scenario's run starts with, given the scratch root: op_rebuild's extensions folder is a new, empty
+# one (the environment's own folder cleared, without touching the one other jobs on this machine use).
+SCENARIO_ENV = {"op_rebuild": lambda root: {"TORCH_EXTENSIONS_DIR": str(root / "extensions-op_rebuild")}}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -246,6 +269,7 @@ class Faulty:
     code: int
     output: str
     damaged: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the injector saw, for the scenario's note
 
 
 def measure(name: str, what: str, run_dir: Path, root: Path, f: Faulty, resume: bool) -> tuple[list, str, bool]:
@@ -255,6 +279,7 @@ def measure(name: str, what: str, run_dir: Path, root: Path, f: Faulty, resume: 
     done = max(train_steps(lines), default=0)
     notes = [f"before the fault: {f.before.describe()}", f"the run logged to step {done}"]
     notes += [f"the fault itself damaged {tag} ({how})" for tag, how in f.damaged.items()]
+    notes += f.notes
     output = f.output
     if resume:
         latest = read_latest_tag(run_dir / "checkpoints")
@@ -288,12 +313,15 @@ def measure(name: str, what: str, run_dir: Path, root: Path, f: Faulty, resume: 
 def run_scenario(name: str, root: Path, data_root: Path, timeout_s: float) -> tuple[list, str, bool]:
     what, inject, extra, faults, resume = SCENARIOS[name]
     run_dir, log = root / name, root / f"{name}.log"
+    env = ({"TRAINER_FAULTS": faults} if faults else {}) | (SCENARIO_ENV[name](root) if name in SCENARIO_ENV else {})
+    for folder in (v for k, v in env.items() if k == "TORCH_EXTENSIONS_DIR"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
     job = Job.start(["--recipe", "awd_ptb", "--run-dir", str(run_dir), "--set", *base_sets(data_root, timeout_s),
-                     *extra], log, {"TRAINER_FAULTS": faults} if faults else None)
-    before, t_fault, damaged = inject(job, run_dir)
+                     *extra], log, env or None)
+    before, t_fault, damaged, *seen = inject(job, run_dir)
     t_end = job.wait_gone()
     return measure(name, what, run_dir, root, Faulty(before, t_fault, t_end, job.proc.returncode, log.read_text(),
-                                                     damaged), resume)
+                                                     damaged, seen[0] if seen else []), resume)
 
 
 def run_lost_node(root: Path, data_root: Path, timeout_s: float) -> tuple[list, str, bool]:

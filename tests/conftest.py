@@ -14,12 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.distributed import free_port as any_free_port, interpreter_path, launcher_env  # noqa: E402
+from trainer.distributed import (free_port as any_free_port, interpreter_path, launcher_env,  # noqa: E402
+                                 use_own_extensions_dir)
 
 # DeepSpeed builds its CPU communication op with the first ninja on PATH and rebuilds it (minutes, under load long
 # enough for a rank's peers to give it up) whenever another ninja built it last: the processes tests start in-process
 # (mp.spawn) must find the same one as those launched through launcher_env.
 os.environ["PATH"] = interpreter_path(os.environ.get("PATH"))
+# ... and in this environment's own extensions folder (not torch's default, shared by every environment of this Python
+# version, which another checkout's jobs would make it rebuild): set here for in-process DeepSpeed and mp.spawn ranks,
+# as launcher_env sets it for launched ones.
+use_own_extensions_dir()
 
 # Under `pytest -n N` (pytest-xdist) N workers run test files side by side on the machine's cores: every process
 # a test starts gets one thread (a rank with two threads collapses when another process takes a core), and each
@@ -173,7 +178,7 @@ def ptb_slice(tmp_path_factory):
 # under the README's command): with `pytest -n 3 --dist loadfile` files are handed to the workers in collection
 # order, so starting with these keeps one worker from finishing a long file alone at the end. Any file not named
 # keeps its alphabetical place after them.
-LONGEST_FIRST = ["test_awd_asgd_e2e.py", "test_elastic.py", "test_world_size.py", "test_bad_input.py", "test_slurm.py", "test_ssh_hosts.py",
+LONGEST_FIRST = ["test_run_safety.py", "test_awd_asgd_e2e.py", "test_elastic.py", "test_world_size.py", "test_bad_input.py", "test_slurm.py", "test_ssh_hosts.py",
                  "test_awd_ptb_e2e.py", "test_exact_resume.py", "test_imagenet_e2e.py", "test_faults.py",
                  "test_sweep.py", "test_checkpoint_integrity.py", "test_nt_asgd.py", "test_two_nodes.py",
                  "test_awd_early_dropout.py"]

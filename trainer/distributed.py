@@ -8,9 +8,12 @@ start whose ranks would advertise addresses the other hosts cannot reach.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,13 +56,40 @@ def interpreter_path(path: str | None) -> str:
     return os.pathsep.join([first, *rest])
 
 
+EXTENSIONS_VAR = "TORCH_EXTENSIONS_DIR"
+
+
+def extensions_dir(prefix: str | None = None) -> Path:
+    """This environment's own folder for the C++ ops torch builds on the fly (DeepSpeed's CPU communication op):
+    ``~/.cache/torch_extensions/<name>-<hash of sys.prefix>``. Torch's default folder is shared by every
+    environment of one Python version, and each environment builds the op from its own copy of DeepSpeed, so
+    two environments used in turn rebuild it every time (minutes on a loaded machine)."""
+    prefix = os.path.abspath(prefix or sys.prefix)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(prefix).name.lstrip(".")) or "python"
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:10]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")  # where torch's own default lives
+    return cache / "torch_extensions" / f"{name}-{digest}"
+
+
+def use_own_extensions_dir(env: dict | None = None) -> str:
+    """Point ``TORCH_EXTENSIONS_DIR`` in ``env`` (default: this process's environment, so that DeepSpeed's op
+    loader and every child started from here see it) at :func:`extensions_dir`, unless the user set one.
+    The folder depends only on the environment's path, so ranks that start their own (over ssh, under Slurm)
+    choose the same one. Returns the folder in use."""
+    env = os.environ if env is None else env
+    if not env.get(EXTENSIONS_VAR):
+        env[EXTENSIONS_VAR] = str(extensions_dir())
+    return env[EXTENSIONS_VAR]
+
+
 def launcher_env(extra: dict | None = None) -> dict:
     """The environment for a child ``deepspeed`` / ``python launch/...`` process: the launcher sets the rank
-    variables itself (stale ones from this shell would mislead it), output unbuffered, and this interpreter's
-    ``bin/`` first on PATH."""
+    variables itself (stale ones from this shell would mislead it), output unbuffered, this interpreter's
+    ``bin/`` first on PATH, and this environment's own extensions folder (:func:`use_own_extensions_dir`)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = interpreter_path(env.get("PATH"))
+    use_own_extensions_dir(env)
     return env | (extra or {})
 
 
@@ -139,6 +169,17 @@ def join_timeout(lost_rank_timeout_s: float) -> float:
     return max(60.0, lost_rank_timeout_s)
 
 
+STARTUP_FACTOR = 10
+STARTUP_BOUND_NAME = f"{STARTUP_FACTOR} times train.lost_rank_timeout_s"
+
+
+def startup_timeout(lost_rank_timeout_s: float) -> float:
+    """How long a rank may send no heartbeat before every rank has finished starting (its process group,
+    DeepSpeed's communication backend and the op it builds): a rank that builds the op while its peers wait is
+    slow, not lost. Ten times ``train.lost_rank_timeout_s`` (10 minutes at the default)."""
+    return STARTUP_FACTOR * lost_rank_timeout_s
+
+
 _STORE: list[dist.Store] = []  # kept for the process's life: rank 0's object is the server the others talk to
 
 
@@ -169,9 +210,11 @@ def _rendezvous_store(rank: int, world: int, join_s: float, timeout_s: float) ->
 
 def init_distributed(timeout_s: float = 600.0, lost_rank_timeout_s: float = 60.0) -> DistContext:
     """Start this rank: device, rendezvous store, the watchdog (multi-rank jobs), host checks, process group,
-    DeepSpeed's communication backend. ``lost_rank_timeout_s`` bounds how long a silent rank is waited for."""
+    DeepSpeed's communication backend. ``lost_rank_timeout_s`` bounds how long a silent rank is waited for once
+    every rank has started, :func:`startup_timeout` until then."""
     _single_process_env()
     os.environ["PATH"] = interpreter_path(os.environ.get("PATH"))
+    use_own_extensions_dir()  # before DeepSpeed builds or loads an op
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -195,15 +238,62 @@ def init_distributed(timeout_s: float = 600.0, lost_rank_timeout_s: float = 60.0
         from .faults.watchdog import PeerWatchdog
         from .multihost import check_advertised_addresses
 
-        PeerWatchdog.start(ctx, lost_rank_timeout_s)  # from here on, a failing or vanished rank ends the others
+        # from here on, a failing or vanished rank ends the others
+        PeerWatchdog.start(ctx, lost_rank_timeout_s, startup_timeout_s=startup_timeout(lost_rank_timeout_s),
+                           startup_name=STARTUP_BOUND_NAME)
         check_advertised_addresses(store, ctx, backend, join_s)
     extra = {"device_id": device} if device.type == "cuda" and world > 1 else {}
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **extra)
+    if world > 1:
+        _stall_if_injected(rank)
+        _load_comm_op_everywhere(store, ctx, timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))  # wraps the group
     if acc.device_name() == "cpu":
         _unlink_shm_allreduce_buffer()
+    if world > 1:
+        from .faults.watchdog import active
+
+        active().mark_started()  # this rank's heartbeat is now judged by lost_rank_timeout_s, once every rank's is
     return ctx
+
+
+def _stall_if_injected(rank: int) -> None:
+    """``TRAINER_FAULTS=stall_startup@0:R``: rank R freezes here, where DeepSpeed's op build and load happen."""
+    from .faults.inject import ENV, FaultPlan
+
+    if os.environ.get(ENV):
+        FaultPlan.from_env(rank).stall_startup()
+
+
+def _load_comm_op_everywhere(store: dist.Store, ctx: DistContext, timeout_s: float) -> None:
+    """Build (or load) DeepSpeed's CPU communication op on this rank, then wait until every rank has.
+
+    ``deepspeed.init_distributed`` builds the op on each rank (JIT: minutes when it must be rebuilt, one rank
+    after the other under torch's lock on the build folder) and at once calls its ``initialize``, which spins,
+    holding the GIL, until every rank on the node has created its shared-memory buffer. A rank that got there
+    first froze all its Python threads, its watchdog's heartbeat included, for as long as the slowest rank
+    took to build: the others took it for lost. Here the op is loaded first (DeepSpeed keeps the module, so
+    its own call does not build again) and the ranks wait for each other in the store, in short waits that
+    hold no lock: heartbeats go on, signals are handled, a peer's failure ends this rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    except Exception:  # noqa: BLE001 - an accelerator without the op: DeepSpeed skips it too
+        builder = None
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()  # what deepspeed.comm.torch.build_shm_op does, once
+    store.set(f"trainer_startup/comm_op/{ctx.rank}", "1")
+    keys = [f"trainer_startup/comm_op/{r}" for r in range(ctx.world)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            late = [r for r, k in enumerate(keys) if not store.check([k])]
+            raise HostError(f"rank(s) {', '.join(map(str, late))} did not build or load DeepSpeed's communication "
+                            f"op within {timeout_s:.0f} s; see their output")
+        time.sleep(0.05)
 
 
 def _unlink_shm_allreduce_buffer() -> None:

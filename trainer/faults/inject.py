@@ -3,8 +3,11 @@
 ``TRAINER_FAULTS`` holds ``kind@step:rank`` entries separated by commas, e.g. ``nan_loss@5:1`` (rank 1's
 loss is NaN at optimizer step 5), ``sigkill@7:1`` (rank 1 kills itself with SIGKILL while computing step
 7), ``sigkill_save@6:0`` (rank 0 kills itself with SIGKILL halfway through writing step 6's checkpoint: its
-files staged, nothing published) or ``error@0:1`` (rank 1 raises an ordinary exception during start-up). Kinds:
-``nan_loss``, ``inf_loss``, ``sigkill``, ``sigkill_save``, ``sigterm``, ``sigusr1``, ``sigusr2``, ``error``. A
+files staged, nothing published), ``error@0:1`` (rank 1 raises an ordinary exception during start-up) or
+``stall_startup@0:1`` (rank 1 never finishes starting: where DeepSpeed builds its op, it freezes every thread of
+its process, holding the GIL in native code with the signals the launcher sends blocked, as a rank stuck in a C
+extension does; its heartbeat stops, its process lives on). Kinds: ``nan_loss``, ``inf_loss``, ``sigkill``,
+``sigkill_save``, ``sigterm``, ``sigusr1``, ``sigusr2``, ``error``, ``stall_startup`` (step 0 only). A
 fault fires once per process, at the step whose number (counted from 1; 0 is start-up, before the model is built)
 it names, on the named rank. Unset, nothing is injected and the loop pays one attribute check per step (a save,
 one environment lookup). Across hosts, pass it in ``~/.deepspeed_env``.
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 ENV = "TRAINER_FAULTS"
-KINDS = ("nan_loss", "inf_loss", "sigkill", "sigkill_save", "sigterm", "sigusr1", "sigusr2", "error")
+KINDS = ("nan_loss", "inf_loss", "sigkill", "sigkill_save", "sigterm", "sigusr1", "sigusr2", "error",
+         "stall_startup")
 _ENTRY = re.compile(r"^(?P<kind>[a-z0-9_]+)@(?P<step>\d+):(?P<rank>\d+)$")
 
 
@@ -44,6 +48,8 @@ class FaultPlan:
             m = _ENTRY.match(entry)
             if not m or m["kind"] not in KINDS:
                 raise ConfigError(f"{ENV} entry '{entry}' is not kind@step:rank with kind one of {', '.join(KINDS)}")
+            if m["kind"] == "stall_startup" and m["step"] != "0":
+                raise ConfigError(f"{ENV} entry '{entry}': stall_startup happens at start-up, step 0")
             faults.append(Fault(m["kind"], int(m["step"]), int(m["rank"])))
         return cls(faults, rank)
 
@@ -75,6 +81,20 @@ class FaultPlan:
         if f is not None:
             where = "during start-up" if step == 0 else f"at step {step}"
             raise InjectedFault(f"fault injected on rank {f.rank} {where} (TRAINER_FAULTS)")
+
+    def stall_startup(self) -> None:
+        """Freeze this process for good, as native code that holds the GIL and never returns does (DeepSpeed's
+        shared-memory set-up waiting for a rank that never comes): libc's ``sleep`` called with the GIL held, the
+        launcher's signals blocked in this thread, so that no thread of this process runs Python again: no
+        heartbeat, no signal handler. Only SIGKILL ends it."""
+        if self._due(0, ("stall_startup",)) is None:
+            return
+        import ctypes
+
+        held = ctypes.PyDLL(None)  # PyDLL: functions called without releasing the GIL
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2})
+        while True:
+            held.sleep(3600)
 
 
 class InjectedFault(RuntimeError):

@@ -6,14 +6,21 @@ runs a daemon thread on its own client connection to the rendezvous store (``MAS
 the moment it joined the job (before the process group exists) to its end:
 
 * every rank bumps its heartbeat counter each ``interval``; rank 0 declares a rank lost when its counter has not
-  moved for ``timeout`` seconds (a dead node, a dead host: no clocks compared across machines);
+  moved for ``timeout`` seconds (a dead node, a dead host: no clocks compared across machines), or, until every
+  rank has recorded that it finished starting (``started``: process group, DeepSpeed's communication backend and
+  the op it may have to build), for ``startup_timeout`` seconds, a bound of its own that the message names;
+  time this process itself could not run (every thread frozen) is not counted as a peer's silence;
 * every rank checks the processes of its own node's ranks each ``interval`` and declares a dead one lost at
   once (a rank killed on this host is noticed in about ``interval``, not ``timeout``);
 * ranks other than 0 treat a store that stops answering as the loss of rank 0, which hosts it;
 * a rank that stops on an error records it (``failed``: rank, exit status, its one-line message) before it
   exits; the others end within ``interval`` plus a short grace, naming it, with its exit status;
 * a verdict goes into the store (``lost``), every rank reads it within ``interval`` and exits with
-  :data:`EXIT_LOST_RANK` after one line naming the lost rank.
+  :data:`EXIT_LOST_RANK` after one line naming the lost rank;
+* a rank that ends the job (a verdict, a failure) waits at most :meth:`PeerWatchdog.wind_up_s` for the others to
+  read it, then kills (SIGKILL) the ranks of its own node still running: one whose every thread is frozen in
+  native code holding the GIL (or a stopped process) acts neither on the verdict nor on the launcher's SIGTERM,
+  which the DeepSpeed launcher follows with SIGKILL only 30 s later.
 
 A rank that ends normally or with an error marks itself done first, so its exit is never taken for a loss; rank
 0, which hosts the store, waits (briefly) for the others to have read the outcome before it goes. The thread
@@ -71,6 +78,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:  # gone already
+        pass
+
+
 def looks_like_lost_peer(exc: BaseException) -> bool:
     """Whether an exception is a collective or store call failing, as when a peer died mid-call."""
     if isinstance(exc, getattr(dist, "DistError", ())):
@@ -79,9 +93,12 @@ def looks_like_lost_peer(exc: BaseException) -> bool:
 
 
 class PeerWatchdog:
-    def __init__(self, ctx: DistContext, timeout_s: float, hint: str = "", interval_s: float | None = None):
+    def __init__(self, ctx: DistContext, timeout_s: float, hint: str = "", interval_s: float | None = None,
+                 startup_timeout_s: float | None = None, startup_name: str = "the start-up bound"):
         self.ctx = ctx
         self.timeout = float(timeout_s)
+        self.startup_timeout = max(self.timeout, float(startup_timeout_s or self.timeout))
+        self.startup_name = startup_name  # what sets startup_timeout, for the message
         self.interval = interval_s or max(0.2, min(2.0, self.timeout / 10))
         self.grace = max(1.0, self.interval)  # for this rank to reach its own error first (one shared by all)
         self.hint = hint  # appended to the message: how to continue (the last checkpoint)
@@ -101,6 +118,8 @@ class PeerWatchdog:
         self._node, self._local_world = node, local_world
         self._local_peers: dict[int, int] | None = None  # rank -> pid of this node's other ranks
         self._beats = {r: (-1, time.monotonic()) for r in range(1, ctx.world)} if ctx.rank == 0 else {}
+        self._all_started = False  # rank 0: every rank has recorded started/<rank>
+        self._judged = time.monotonic()  # rank 0: the last heartbeat check
         self._store_failures = 0
         self._tick = time.monotonic()  # the last check that completed
         self._thread = threading.Thread(target=self._run, name="peer-watchdog", daemon=True)
@@ -108,11 +127,11 @@ class PeerWatchdog:
         threading.Thread(target=self._supervise, name="peer-watchdog-supervisor", daemon=True).start()
 
     @classmethod
-    def start(cls, ctx: DistContext, timeout_s: float) -> "PeerWatchdog":
+    def start(cls, ctx: DistContext, timeout_s: float, **kwargs) -> "PeerWatchdog":
         """The process's watchdog; a process that ends without closing it (a script using init_distributed
         directly) closes it at exit, as a normal end."""
         global _ACTIVE
-        _ACTIVE = cls(ctx, timeout_s)
+        _ACTIVE = cls(ctx, timeout_s, **kwargs)
         atexit.register(_close_at_exit)
         _ACTIVE._take_sigterm()
         return _ACTIVE
@@ -156,9 +175,16 @@ class PeerWatchdog:
 
     def _supervise(self) -> None:
         """A store call can block without end when its host vanished without closing the connection (a
-        powered-off node); this thread does no I/O and ends the job when the checks stop completing."""
+        powered-off node); this thread does no I/O and ends the job when the checks stop completing. When this
+        thread itself woke late, the whole process was frozen (native code holding the GIL, a stopped process):
+        the checks could not run either, so that time is not the store's silence."""
+        woke = time.monotonic()
         while not self._stop.wait(self.interval):
-            silent = time.monotonic() - self._tick
+            now = time.monotonic()
+            late, woke = now - woke - self.interval, now
+            if late > self.interval:
+                self._tick = min(now, self._tick + late)
+            silent = now - self._tick
             if silent > self.timeout + 2 * self.interval and not self._stop.is_set():
                 who = "rank 0" if self.ctx.rank else "contact with the other ranks"
                 self._end(f"{who} (the rendezvous store at {self._where} has not answered for {silent:.0f} s)")
@@ -203,14 +229,36 @@ class PeerWatchdog:
         return None
 
     def _stale_heartbeat(self) -> str | None:
+        """A rank whose heartbeat has not moved for the bound: ``timeout`` once every rank has started, the
+        longer ``startup_timeout`` until then. Time this rank did not watch (it was itself frozen for more than
+        an interval past its own) is not counted as a peer's silence."""
         now = time.monotonic()
+        late, self._judged = max(0.0, now - self._judged - 2 * self.interval), now
+        starting = not self._all_started
+        if starting and self.store.check([f"started/{r}" for r in range(self.ctx.world)]):
+            self._all_started = True  # each rank's silence counts from here against the shorter bound
+            self._beats = {r: (count, now) for r, (count, _) in self._beats.items()}
+        bound = self.startup_timeout if starting else self.timeout
         for rank, (count, since) in self._beats.items():
             current = self.store.add(f"hb/{rank}", 0)
             if current != count:
                 self._beats[rank] = (current, now)
-            elif now - since > self.timeout and not self._done(rank):
-                return f"rank {rank} (no heartbeat for {now - since:.0f} s: its node is gone or unreachable)"
+                continue
+            since = min(now, since + late)
+            self._beats[rank] = (count, since)
+            if now - since > bound and not self._done(rank):
+                return self._silence(rank, now - since, starting)
         return None
+
+    def _silence(self, rank: int, silent: float, starting: bool) -> str:
+        if not starting:
+            return f"rank {rank} (no heartbeat for {silent:.0f} s: its node is gone or unreachable)"
+        bound = f"{self.startup_timeout:.0f} s ({self.startup_name})"
+        if not self.store.check([f"started/{rank}"]):
+            return (f"rank {rank} (did not finish starting within {bound} and sent no heartbeat in that time: "
+                    "its node is gone, unreachable or stuck)")
+        return (f"rank {rank} (no heartbeat for {silent:.0f} s while the job was starting, the start-up bound "
+                f"{bound}: its node is gone, unreachable or stuck)")
 
     def _done(self, rank: int) -> bool:
         return self.store.check([f"done/{rank}"])
@@ -222,20 +270,21 @@ class PeerWatchdog:
             print(f"error: [rank {self.ctx.rank}] {text}; ending the job{self.hint}", file=sys.stderr, flush=True)
         sys.stdout.flush()
 
-    def _finish(self, text: str, about: int | None, code: int) -> None:
-        """Say why (once per node), let the others read the outcome, exit; whichever thread gets here first."""
+    def _finish(self, text: str, about: int | None, code: int, lost: int | None = None) -> None:
+        """Say why (once per node), let the others read the outcome, end this node's frozen ranks, exit;
+        whichever thread gets here first."""
         if not self._ending.acquire(blocking=False):
             threading.Event().wait()  # the other thread is already ending the process
         self._say(text, about)
         self._mark_done("ended")
-        if self.ctx.rank == 0:
-            self._linger()
+        self._wind_up(lost)
         os._exit(code)
 
     def _end(self, lost: str) -> None:
         self.verdict = lost
         words = lost.split()
-        self._finish(f"lost {lost}", int(words[1]) if words[0] == "rank" else None, EXIT_LOST_RANK)
+        about = int(words[1]) if words[0] == "rank" else None
+        self._finish(f"lost {lost}", about, EXIT_LOST_RANK, lost=about)
 
     def _end_for_failure(self, failure: dict, grace: bool = True) -> None:
         """Another rank stopped on an error: give this rank's main thread a moment to reach the same error (a
@@ -288,11 +337,14 @@ class PeerWatchdog:
 
     def close(self, ok: bool = True) -> None:
         """Mark this rank done (its exit is not a loss) and end the thread; rank 0 first lets the others read
-        the job's outcome from the store it hosts."""
+        the job's outcome from the store it hosts. A rank that ends on an error has ended the job: it also
+        sees that this node's other ranks go (:meth:`_wind_up`)."""
         global _ACTIVE
         self._closing.set()
         self._mark_done("ok" if ok else "error")
-        if self.ctx.rank == 0:
+        if not ok:
+            self._wind_up(None)
+        elif self.ctx.rank == 0:
             self._linger()
         self._stop.set()
         self._thread.join(timeout=5 * self.interval + 10)
@@ -308,8 +360,74 @@ class PeerWatchdog:
         except Exception:  # noqa: BLE001 - the store may already be gone at the very end
             pass
 
+    def mark_started(self) -> None:
+        """This rank has finished starting (process group, DeepSpeed's communication backend, its op): once every
+        rank has, a silent rank is judged by ``timeout``, no longer by ``startup_timeout``."""
+        self.store.set(f"started/{self.ctx.rank}", "1")
+
+    def wind_up_s(self) -> float:
+        """How long a rank that ends the job waits for the others before it exits (rank 0, which hosts the
+        store, for every rank to have read the outcome; the others for their node's ranks to have gone):
+        three checks, the grace and two seconds. Every rank of the job is gone within about that time of the
+        line that ends it (10 s at the default ``lost_rank_timeout_s``)."""
+        return 3 * self.interval + self.grace + 2
+
+    def _local_pids(self) -> dict[int, int]:
+        """This node's other ranks that registered: rank -> pid."""
+        if self._local_peers is not None:
+            return self._local_peers
+        found = {}
+        for i in range(self._local_world):
+            key = f"pid/{self._node}/{i}"
+            if i != self.ctx.local_rank and self.store.check([key]):
+                rank, pid = map(int, self.store.get(key).decode().split(":"))
+                found[rank] = pid
+        return found
+
+    def _wind_up(self, lost: int | None) -> None:
+        """Before this rank exits, having ended the job: wait (at most :meth:`wind_up_s`) until the others have
+        read the outcome (marked done; rank 0 waits for every rank, the others for their node's) or, on this
+        node, are gone; then kill this node's ranks still running. A rank frozen in native code that holds the
+        GIL (DeepSpeed's shared-memory set-up, for one) or a stopped process acts neither on the outcome nor on
+        the launcher's SIGTERM (the DeepSpeed launcher kills it 30 s later), and ``lost``, a lost rank whose
+        process is still running on this node, is one: it is killed at once."""
+        try:
+            local = self._local_pids()
+        except Exception:  # noqa: BLE001 - the store is gone: nothing to learn about the others
+            return
+        if lost in local and _alive(local[lost]) and not self._said_done(lost):
+            _kill(local[lost])
+        waiting = [r for r in range(self.ctx.world) if r not in (self.ctx.rank, lost)
+                   and (self.ctx.rank == 0 or r in local)]
+        deadline = time.monotonic() + self.wind_up_s()
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r in waiting if self._may_not_know(r, local)]
+            if waiting:
+                time.sleep(self.interval / 4)
+        for r in waiting:
+            if r in local and _alive(local[r]):
+                _kill(local[r])
+
+    def _said_done(self, rank: int) -> bool:
+        """Whether ``rank`` marked itself done (it is ending on its own); True when the store cannot tell."""
+        try:
+            return self._done(rank)
+        except Exception:  # noqa: BLE001
+            return True
+
+    def _may_not_know(self, rank: int, local: dict[int, int]) -> bool:
+        """Whether ``rank`` may still be running without having read the job's outcome: not done, not the lost
+        rank, and (on this node) not gone."""
+        if rank in local and not _alive(local[rank]):
+            return False
+        try:
+            lost = self.store.get("lost").decode() if self.store.check(["lost"]) else ""
+            return not (self._done(rank) or lost.startswith(f"rank {rank} "))
+        except Exception:  # noqa: BLE001 - the store is gone (rank 0 exited): a local rank's exit is all there is
+            return rank in local
+
     def _linger(self) -> None:
-        deadline = time.monotonic() + 3 * self.interval + self.grace + 2
+        deadline = time.monotonic() + self.wind_up_s()
         while time.monotonic() < deadline:
             try:
                 lost = self.store.get("lost").decode() if self.store.check(["lost"]) else ""
