@@ -3,7 +3,11 @@ is skipped when run again; slurm jobs are shown by --dry-run, the shipped sweep 
 submits them to a real Slurm cluster)."""
 
 import csv
+import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +195,136 @@ def test_rerun_resumes_a_partial_point(local_sweep, tmp_path):
     out = check(run_sweep(other, "--backend", "local", timeout=300))
     assert f"{NAMES[0]}: resume" in out and "resumed from step_00000003 at step 3" in out
     assert "summary: 1 finished" in out
+
+
+# ------------------------------------------------------------------ a sweep run again after its file was edited
+def snapshot(root) -> dict[str, str]:
+    """Every file under ``root``: its relative path and the sha256 of its bytes."""
+    import hashlib
+
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def edited_copy(local_sweep, tmp_path, base=None, grid=None):
+    """The finished local sweep copied to ``tmp_path/out``, with a sweep file whose base and grid are edited."""
+    path, root, _ = local_sweep
+    spec = yaml.safe_load(path.read_text())
+    spec["sweep_dir"] = str(shutil.copytree(root, tmp_path / "out"))
+    spec["base"].update(base or {})
+    if grid is not None:
+        spec["grid"] = grid
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return edited, tmp_path / "out"
+
+
+def test_rerun_after_base_edit_stops_naming_changed_points(local_sweep, tmp_path):
+    """Every backend and --summarize refuse points whose run was trained with another config, in one line,
+    before writing anything into the sweep directory."""
+    path, out = edited_copy(local_sweep, tmp_path, base={"train.max_steps": 3})
+    before = snapshot(out)
+    for flags in (["--backend", "local"], ["--backend", "hostfile"], ["--backend", "slurm"], ["--summarize"]):
+        proc = run_sweep(path, *flags, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in output(proc), output(proc)
+        (line,) = error_lines(proc)
+        assert proc.stderr.strip() == line, flags
+        assert all(name in line for name in LOCAL_NAMES), line
+        assert "train.max_steps 0 -> 3" in line and "--restart-changed" in line, line
+        assert "skipped" not in proc.stdout and "resume" not in proc.stdout, proc.stdout
+        assert snapshot(out) == before, flags
+
+
+def test_restart_changed_moves_old_runs_aside_and_trains_afresh(local_sweep, tmp_path):
+    path, out = edited_copy(local_sweep, tmp_path, base={"train.max_steps": 3})
+    old = {name: snapshot(out / name) for name in LOCAL_NAMES}
+    text = check(run_sweep(path, "--backend", "local", "--restart-changed", timeout=300))
+    for name in LOCAL_NAMES:
+        (aside,) = out.glob(f"{name}.replaced-*")
+        assert re.fullmatch(rf"{re.escape(name)}\.replaced-\d{{8}}-\d{{6}}", aside.name), aside.name
+        assert snapshot(aside) == old[name]  # moved whole, never deleted
+        (moved,) = [ln for ln in text.splitlines() if f"{name}: changed" in ln and str(aside) in ln]
+        assert "train.max_steps 0 -> 3" in moved, moved
+        assert f"{name}: start" in text and f"{name}: resume" not in text
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["train"]["max_steps"] == 3
+        steps = [json.loads(ln)["step"] for ln in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 3 and steps[0] == 1, steps  # a fresh run, not the old one continued
+    assert "summary: 2 finished, 0 partial, 0 missing" in text
+    with (out / "summary.csv").open() as f:
+        assert [r["name"] for r in csv.DictReader(f)] == LOCAL_NAMES
+    again = check(run_sweep(path, "--backend", "local", "--restart-changed", timeout=120))
+    assert again.count("skipped (finished)") == 2 and len(list(out.glob("*.replaced-*"))) == 2
+
+
+def test_status_shows_changed_points(local_sweep, tmp_path):
+    path, out = edited_copy(local_sweep, tmp_path, base={"optim.lr": 0.001, "train.max_steps": 3})
+    before = snapshot(out)
+    text = check(run_sweep(path, "--status", timeout=120))
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.split() and ln.split()[0] in LOCAL_NAMES}
+    assert sorted(lines) == sorted(LOCAL_NAMES), text
+    for name, line in lines.items():
+        assert line.split()[1:4] == ["changed", "requeued", "0"], line
+        assert "train.max_steps 0 -> 3" in line and "optim.lr" in line and "--restart-changed" in line, line
+    assert snapshot(out) == before
+
+
+def test_grid_edit_runs_new_points_and_skips_unchanged_finished_ones(local_sweep, tmp_path):
+    """Only the grid edited: the point left as it was is skipped, the new one runs, and nothing is moved aside,
+    with --restart-changed as without it; the point no longer in the grid is left alone."""
+    path, out = edited_copy(local_sweep, tmp_path, grid={"drop.mode": ["standard"], "seed": [0, 1]})
+    kept = {name: snapshot(out / name) for name in LOCAL_NAMES}
+    dry = check(run_sweep(path, "--backend", "local", "--dry-run", timeout=120))
+    assert "mode-standard_seed-0: skipped (finished)" in dry and "mode-standard_seed-1: start" in dry, dry
+    assert "changed" not in dry
+    text = check(run_sweep(path, "--backend", "local", "--restart-changed", timeout=300))
+    assert "mode-standard_seed-0: skipped (finished)" in text and "mode-standard_seed-1: start" in text, text
+    assert "changed" not in text and not list(out.glob("*.replaced-*"))
+    assert {name: snapshot(out / name) for name in LOCAL_NAMES} == kept
+    assert "summary: 2 finished, 0 partial, 0 missing" in text
+    assert (out / "mode-standard_seed-1" / "checkpoints" / "latest").is_file()
+
+
+def test_dry_run_shows_changed_points_and_changes_nothing(local_sweep, tmp_path):
+    path, out = edited_copy(local_sweep, tmp_path, base={"train.max_steps": 3})
+    before = snapshot(out)
+    for backend in ("local", "slurm"):
+        text = check(run_sweep(path, "--backend", backend, "--dry-run", "--restart-changed", timeout=120))
+        for name in LOCAL_NAMES:
+            (line,) = [ln for ln in text.splitlines() if f"{name}: changed" in ln]
+            assert "train.max_steps 0 -> 3" in line and f"would move {out / name} to {out / name}.replaced-" in line
+        assert "skipped" not in text and "resume" not in text and text.count("--run-dir") == 2, text
+        proc = run_sweep(path, "--backend", backend, "--dry-run", timeout=120)  # without the flag: what would stop it
+        assert proc.returncode == 2 and sum(f"{n}: changed" in proc.stdout for n in LOCAL_NAMES) == 2, output(proc)
+        (line,) = error_lines(proc)
+        assert proc.stderr.strip() == line and "--restart-changed" in line
+        assert snapshot(out) == before, backend
+
+
+def test_changed_keys_are_shortened():
+    """A point's differing keys, old -> new, the first three then how many more."""
+    from trainer.sweeps.changes import Change, config_diff, describe
+
+    old = {"recipe": "a", "seed": 0, "optim": {"lr": 0.1, "wd": 0.0}, "model": {"kwargs": {"depth": 2}}}
+    new = {"recipe": "b", "seed": 1, "optim": {"lr": 0.2}, "model": {"kwargs": {"depth": 3}}, "extra": "x"}
+    diffs = config_diff(old, new)
+    assert [d[0] for d in diffs] == ["extra", "model.kwargs.depth", "optim.lr", "optim.wd", "recipe", "seed"]
+    line = describe([Change("p1", diffs), Change("p2", [("seed", 0, 1)])], "s.yaml")
+    assert "p1 (extra (unset) -> x, model.kwargs.depth 2 -> 3, optim.lr 0.1 -> 0.2 and 3 more)" in line, line
+    assert "p2 (seed 0 -> 1)" in line and "\n" not in line and "--restart-changed" in line
+    alike = describe([Change("p1", [("seed", 0, 1)]), Change("p2", [("seed", 0, 1)])], "s.yaml")
+    assert "2 point(s) of s.yaml" in alike and "p1, p2 (seed 0 -> 1)" in alike, alike  # an edited base: named once
+
+
+def test_restart_changed_refuses_a_point_still_being_trained(local_sweep, tmp_path):
+    """A changed point that a live sweep process (here: this one) still trains is not moved from under it."""
+    path, out = edited_copy(local_sweep, tmp_path, base={"train.max_steps": 3})
+    records = json.loads((out / "jobs.json").read_text())
+    records[LOCAL_NAMES[1]] = {"backend": "local", "host": socket.gethostname(), "pid": os.getpid(), "exit": None}
+    (out / "jobs.json").write_text(json.dumps(records))
+    before = snapshot(out)
+    proc = run_sweep(path, "--backend", "local", "--restart-changed", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in output(proc), output(proc)
+    (line,) = error_lines(proc)
+    assert LOCAL_NAMES[1] in line and LOCAL_NAMES[0] not in line and f"sweep process {os.getpid()}" in line, line
+    assert snapshot(out) == before

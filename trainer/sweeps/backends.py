@@ -17,6 +17,7 @@ import submitit
 from ..errors import ConfigError
 from ..rundir import RunDir
 from . import jobs
+from .changes import FLAG, Change, aside_path, keys_text, move_aside
 from .points import Point
 from .spec import SweepSpec
 from .status import FINISHED, point_status
@@ -29,26 +30,42 @@ TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 class Step:
     point: Point
     status: str  # finished | partial | missing
-    action: str  # skip | resume | start | wait (its job is still queued or running)
+    action: str  # skip | resume | start | wait (its job is still queued or running) | restart | changed
     job: str = ""  # the live job of a point that waits
+    change: Change | None = None  # how a point's config differs from its run's (restart, changed)
 
 
-def plan(points: list[Point], spec: SweepSpec | None = None) -> list[Step]:
+def plan(points: list[Point], spec: SweepSpec | None = None, changes: dict[str, Change] | None = None,
+         restart: bool = False) -> list[Step]:
     """Skip finished points and those whose Slurm job is still queued or running (``jobs.json``), resume the
-    ones with a checkpoint, start the rest."""
+    ones with a checkpoint, start the rest. A point whose config changed since its run (``changes``) is
+    restarted afresh with ``restart`` (refused while a job of its old config is still queued or running),
+    else only reported (the sweep stops before running anything)."""
+    changes = changes or {}
     records = jobs.load(spec) if spec is not None else {}
     slurm = {p.name: records[p.name]["job"] for p in points if records.get(p.name, {}).get("backend") == "slurm"}
     live = jobs.slurm_states(list(slurm.values()))
-    steps = []
+    steps, busy = [], []
     for p in points:
         status = point_status(p.run_dir)
         job = live.get(slurm.get(p.name, ""))
-        if status == FINISHED:
+        change = changes.get(p.name)
+        if change is not None:
+            if restart and job is not None and job.state in ("queued", "running"):
+                busy.append(f"{p.name} (job {slurm[p.name]} is {job.state}: scancel {slurm[p.name]})")
+            elif restart and records.get(p.name, {}).get("backend") == "local" \
+                    and (mine := jobs.local_state(records[p.name])).state == "running":
+                busy.append(f"{p.name} ({mine.detail} still runs it: let it end or stop it)")
+            steps.append(Step(p, status, "restart" if restart else "changed", change=change))
+        elif status == FINISHED:
             steps.append(Step(p, status, "skip"))
         elif job is not None and job.state in ("queued", "running"):
             steps.append(Step(p, status, "wait", slurm[p.name]))
         else:
             steps.append(Step(p, status, "resume" if RunDir(p.run_dir).has_checkpoint() else "start"))
+    if busy:
+        raise ConfigError(f"{len(busy)} changed point(s) are still being trained with their old config, so "
+                          f"{FLAG} cannot move their run directories aside: {'; '.join(busy)}; then rerun")
     return steps
 
 
@@ -79,7 +96,28 @@ def to_run(steps: list[Step]):
         if st.action == "wait":
             print(f"{head}: skipped (job {st.job} is still queued or running) {st.point.run_dir}", flush=True)
             continue
+        if st.action == "changed":
+            print(f"{head}: changed since its run ({keys_text(st.change)}): stops the sweep; {FLAG} would move "
+                  f"{st.point.run_dir} aside and start it afresh", flush=True)
+            continue
         yield head, st
+
+
+def restart_changed(head: str, st: Step, dry_run: bool) -> str:
+    """Move a changed point's old run directory aside (one line says where); the action it then takes."""
+    if st.action != "restart":
+        return st.action
+    run, why = st.point.run_dir, f"{head}: changed since its run ({keys_text(st.change)})"
+    if dry_run:
+        print(f"{why}: would move {run} to {aside_path(run)} and start it afresh", flush=True)
+        return "start"
+    try:
+        moved = move_aside(run)
+    except OSError as e:
+        raise ConfigError(f"cannot move {run} aside to restart point {st.point.name}: {e.strerror}; "
+                          "move it yourself and rerun") from None
+    print(f"{why}: its old run directory was moved to {moved}; it starts afresh", flush=True)
+    return "start"
 
 
 # ------------------------------------------------------------------ local and hostfile
@@ -136,11 +174,12 @@ def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bo
         check_hostfile(spec.hostfile)
     failed = []
     for head, st in to_run(steps):
-        cmd = launcher(spec, backend, free_port()) + train_args(spec.recipe, st.point, st.action == "resume")
-        print(f"{head}: {st.action} {st.point.run_dir}\n  {shlex.join(cmd)}", flush=True)
+        action = restart_changed(head, st, dry_run)
+        cmd = launcher(spec, backend, free_port()) + train_args(spec.recipe, st.point, action == "resume")
+        print(f"{head}: {action} {st.point.run_dir}\n  {shlex.join(cmd)}", flush=True)
         if dry_run:
             continue
-        if st.action == "start":
+        if action == "start":
             moved = set_aside(st.point.run_dir)
             if moved:
                 print(f"  an earlier attempt without a checkpoint was moved to {moved}", flush=True)
@@ -262,22 +301,23 @@ def submit_slurm(spec: SweepSpec, steps: list[Step], dry_run: bool) -> list[str]
     """Submit one job per unfinished point whose job is not queued or running; with ``dry_run`` print them."""
     folder = Path(spec.sweep_dir) / ".submitit" / "%j"  # one folder of logs per job
     executor = None
-    if not dry_run and any(st.action in ("start", "resume") for st in steps):
+    if not dry_run and any(st.action in ("start", "resume", "restart") for st in steps):
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=spec.slurm.max_requeue)
         except RuntimeError as e:
             raise ConfigError(f"cannot submit to slurm here: {e}") from None
     submitted = []
     for head, st in to_run(steps):
+        action = restart_changed(head, st, dry_run)
         params = slurm_parameters(spec, f"{spec.recipe}-{st.point.name}")
-        cmd = ["python", str(TRAIN_SCRIPT), *train_args(spec.recipe, st.point, st.action == "resume")]
+        cmd = ["python", str(TRAIN_SCRIPT), *train_args(spec.recipe, st.point, action == "resume")]
         shown = " ".join(f"{k}={v}" for k, v in params.items())
-        print(f"{head}: {'would submit' if dry_run else 'submit'} ({st.action}) {st.point.run_dir}\n"
+        print(f"{head}: {'would submit' if dry_run else 'submit'} ({action}) {st.point.run_dir}\n"
               f"  slurm: {shown} max_requeue={spec.slurm.max_requeue}\n"
               f"  each task (in-process): {shlex.join(cmd)}", flush=True)
         if executor is None:
             continue
-        if st.action == "start":
+        if action == "start":
             set_aside(st.point.run_dir)  # here, not in the job, where ranks on other nodes could race it
         executor.update_parameters(**params)
         job = executor.submit(TrainPoint(spec.recipe, st.point, os.getcwd(), spec.slurm.max_requeue))

@@ -88,11 +88,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def check_points(spec: SweepSpec, points) -> None:
-    """Build every point's config once: an unknown key or a bad value names the point and the key."""
+def check_points(spec: SweepSpec, points) -> list[dict]:
+    """Build every point's config once: an unknown key or a bad value names the point and the key. Returns the
+    resolved configs (as a run's config.yaml holds them), in the points' order."""
     recipe = get_recipe(spec.recipe)
+    configs = []
     for point in points:
         try:
-            recipe.load_config([], point.overrides)
+            configs.append(recipe.load_config([], point.overrides).model_dump(mode="json"))
         except ConfigError as e:
             raise ConfigError(f"sweep point {point.name}: {e}") from None
+    return configs

@@ -66,9 +66,14 @@ def point_status(run_dir: Path, records: list[dict] | None = None) -> str:
     return FINISHED if ended else PARTIAL
 
 
-def point_state(run_dir: Path, job) -> tuple[str, str]:
-    """(state, detail) for ``--status``: pending, queued, running, done or failed. ``job`` is what is known of
-    the point's job (a ``jobs.JobState``: from its scheduler or its sweep process), None if it never had one."""
+def point_state(run_dir: Path, job, changed: str = "") -> tuple[str, str]:
+    """(state, detail) for ``--status``: pending, queued, running, done, failed or changed. ``job`` is what is
+    known of the point's job (a ``jobs.JobState``: from its scheduler or its sweep process), None if it never had
+    one; ``changed`` the keys by which the sweep file's config of the point differs from its run's, if it does."""
+    if changed:
+        live = f"; job still {job.state} with the old config ({job.detail})" if job is not None and job.state in (
+            "queued", "running") else ""
+        return "changed", f"{changed}: its run had another config{live}; --restart-changed starts it afresh"
     status = point_status(run_dir)
     if status == FINISHED:
         return "done", ""
