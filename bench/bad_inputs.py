@@ -45,8 +45,8 @@ def command(script: str, args: list[str], ranks: int = 1, port: int | None = Non
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), path, *args]
 
 
-def run_command(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+def run_command(cmd: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=launcher_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(paths: list[Path]) -> dict[str, str]:
@@ -87,13 +87,16 @@ def train_shared(root: Path) -> Shared:
 @dataclass
 class Prepared:
     """What a case's setup made: the arguments, what the command must leave alone (``guard``: files and directories
-    that must stay exactly as they are; ``absent``: paths that must not appear), a socket to hold."""
+    that must stay exactly as they are; ``absent``: paths that must not appear), a socket to hold, the command's
+    extra environment, and what to undo afterwards."""
 
     args: list[str]
     guard: list[Path] = field(default_factory=list)
     absent: list[Path] = field(default_factory=list)
     port: int | None = None
     hold: socket.socket | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the command
+    cleanup: Callable[[], None] | None = None  # undoes what the setup made outside its scratch (a mount, a process)
 
 
 @dataclass(frozen=True)
@@ -252,13 +255,149 @@ def _unknown_model(scratch: Path, shared: Shared) -> Prepared:
                      *TINY_VIT, "model.name=vit_tiny_patch16_22"], guard=[images], absent=[scratch / "run"])
 
 
+def _images(*sets: str):
+    """A new vit_t run on the suite's generated image folder (4 classes, 96 training images), with ``sets``."""
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        images = make_image_folder(scratch / "images")
+        return Prepared(["--recipe", "vit_t", "--run-dir", str(scratch / "run"), "--set", f"data.root={images}",
+                         *TINY_VIT, *sets], guard=[images], absent=[scratch / "run"])
+    return setup
+
+
 def _corrupt_jpeg(scratch: Path, shared: Shared) -> Prepared:
     images = make_image_folder(scratch / "images", corrupt=True)
     return Prepared(["--recipe", "vit_t", "--run-dir", str(scratch / "run"), "--set", f"data.root={images}",
                      *TINY_VIT], guard=[images])
 
 
-CASES: list[Case] = [
+def _resume_with_latest(content: bytes | None):
+    """A run whose ``checkpoints/latest`` is gone (None) or holds ``content``: the resume falls back to the newest
+    step checkpoint that verifies and says so; the checkpoints written before are left as they were."""
+    def setup(scratch: Path, shared: Shared) -> Prepared:
+        run = copy_run(shared.awd_run, scratch)
+        latest = run / "checkpoints" / "latest"
+        latest.unlink()
+        if content is not None:
+            latest.write_bytes(content)
+        return Prepared(["--run-dir", str(run), "--resume", "--set", "train.max_steps=3"],
+                        guard=[run / "checkpoints" / "step_00000002"])
+    return setup
+
+
+def _diverging(scratch: Path, shared: Shared) -> Prepared:
+    """optim.lr=1e30: the loss stays finite for a step, then validation is nan: never saved as best."""
+    run = scratch / "run"
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD, "optim.lr=1e30",
+                     "train.eval_every=2", "train.checkpoint_every=1", "optim.averaging=none"],
+                    absent=[run / "checkpoints" / "best", REPO / "crash-rank0.log"])
+
+
+def _nan_weights(scratch: Path, shared: Shared) -> Prepared:
+    """A best checkpoint whose weights hold a nan (its manifest rewritten, so only its values are wrong)."""
+    import torch
+
+    from trainer.checkpoint import write_manifest
+    from trainer.checkpoint.writing import own_entries
+
+    run = copy_run(shared.awd_run, scratch)
+    tag = run / "checkpoints" / "best"
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    states["module"]["encoder.weight"][3, 5] = float("nan")
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    write_manifest(tag, [own_entries(tag, 0)])
+    return Prepared(["--run-dir", str(run)], guard=[run])
+
+
+def _startup_error(scratch: Path, shared: Shared) -> Prepared:
+    """An unexpected error before the run directory exists: its crash log goes beside it, never into the checkout."""
+    run = scratch / "runs" / "run"
+    run.parent.mkdir()
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD],
+                    absent=[run, REPO / "crash-rank0.log"], env={"TRAINER_FAULTS": "error@0:0"})
+
+
+def _mounted(scratch: Path, options: str) -> tuple[Path, Callable[[], None]]:
+    """A tmpfs of its own at ``scratch/mnt`` (root only): a read-only folder or a full disk, for real."""
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], check=True)
+    return mnt, lambda: subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _read_only_parent(scratch: Path, shared: Shared) -> Prepared:
+    mnt, undo = _mounted(scratch, "size=1m,ro")
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(mnt / "run"), "--set", *TINY_AWD],
+                    absent=[mnt / "run", REPO / "crash-rank0.log"], cleanup=undo)
+
+
+def _full_disk(scratch: Path, shared: Shared) -> Prepared:
+    """3 MB for a run whose checkpoints take more: the save that does not fit fails, what was written stays."""
+    mnt, undo = _mounted(scratch, "size=3m")
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(mnt / "run"), "--set", *TINY_AWD, "train.max_steps=40",
+                     "train.checkpoint_every=3", "train.eval_every=3"],
+                    absent=[REPO / "crash-rank0.log"], cleanup=undo)
+
+
+def _name_too_long(scratch: Path, shared: Shared) -> Prepared:
+    run = scratch / ("r" * 300)
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD],
+                    absent=[REPO / "crash-rank0.log"])
+
+
+def _read_only_sweep_dir(scratch: Path, shared: Shared) -> Prepared:
+    import yaml
+
+    mnt, undo = _mounted(scratch, "size=1m,ro")
+    sweep = scratch / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"recipe": "awd_ptb", "sweep_dir": str(mnt / "sweep"),
+                                     "base": {"model.nhid": 48, "model.emsize": 32, "data.root": DATA_ROOT},
+                                     "grid": {"seed": [1, 2]}}))
+    return Prepared([str(sweep), "--backend", "local"], guard=[sweep], absent=[mnt / "sweep"], cleanup=undo)
+
+
+def _sweep_edited(scratch: Path, shared: Shared) -> Prepared:
+    """A sweep run again after its base was edited: its finished points are neither skipped nor resumed."""
+    import yaml
+
+    sweep, out = scratch / "sweep.yaml", scratch / "out"
+    spec = {"recipe": "awd_ptb", "sweep_dir": str(out), "base": {**dict(s.split("=", 1) for s in TINY_AWD),
+            "train.max_steps": 1, "train.eval_every": 1, "train.checkpoint_every": 1}, "grid": {"seed": [1, 2]}}
+    sweep.write_text(yaml.safe_dump(spec))
+    done = run_command(command("sweep.py", [str(sweep), "--backend", "local"]))
+    if done.returncode:
+        raise RuntimeError(f"the sweep to edit failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    spec["base"]["optim.lr"] = 10
+    sweep.write_text(yaml.safe_dump(spec))
+    return Prepared([str(sweep), "--backend", "local"], guard=[sweep, out])
+
+
+def _in_use(scratch: Path, shared: Shared) -> Prepared:
+    """A second job on a run directory a first one (stopped with SIGSTOP, so it writes nothing meanwhile) holds."""
+    import json
+    import os
+    import signal
+    import time
+
+    run = scratch / "run"
+    first = subprocess.Popen(command("train.py", ["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD,
+                                                  "train.max_steps=100000"]),
+                             cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    lock, deadline = run / ".lock", time.monotonic() + 300
+    while not (lock.is_file() and lock.read_text().strip() and json.loads(lock.read_text())["pid"] == first.pid):
+        if first.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the first job never took the run directory's lock")
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGSTOP)
+
+    def undo() -> None:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+    return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD], guard=[run], cleanup=undo)
+
+
+INPUT_CASES: list[Case] = [
     Case("unknown recipe", "train.py", lambda s, _: Prepared(["--recipe", "awd_ptbb", "--run-dir", str(s / "run")],
                                                              absent=[s / "run"]),
          ("unknown recipe 'awd_ptbb'", "did you mean 'awd_ptb'", "--list-recipes")),
@@ -283,8 +422,8 @@ CASES: list[Case] = [
          ("ptb/train.txt", "not UTF-8", "replace it with the original file")),
     Case("empty corpus file (md5 off)", "train.py", _garbled(verify=False, content=b"\n\n"),
          ("ptb/train.txt", "no tokens", "replace it with the original file")),
-    Case("resume: model shape differs", "train.py", _resume("model.nhid=64"), ("model shape", "nhid 48", "nhid 64",
-         "use the run's own config"), needs_shared=True),
+    Case("resume: model shape differs", "train.py", _resume("model.nhid=64"),
+         ("--resume cannot change model.nhid 48 -> 64", "train.init_from="), needs_shared=True),
     Case("resume: vocabulary differs", "train.py", _resume(data=b"a b c d e f g h\n" * 500),
          ("vocabulary", "10000 words", "use the run's own config and data"), needs_shared=True),
     Case("resume with another recipe", "train.py", _resume(recipe="awd_wt2"),
@@ -305,7 +444,7 @@ CASES: list[Case] = [
     Case("evaluate a checkpoint that does not exist", "evaluate.py", _evaluate_missing_tag,
          ("no 'step_00000099' checkpoint", "pick another --checkpoint"), needs_shared=True),
     Case("resume without a checkpoint", "train.py", _resume_without_checkpoint,
-         ("nothing to resume", "checkpoints/latest"), needs_shared=True),
+         ("nothing to resume", "has no checkpoints", "another --run-dir"), needs_shared=True),
     Case("new run into a run directory", "train.py", _into_existing_run,
          ("already holds a run", "--resume", "another --run-dir"), needs_shared=True),
     Case("run directory is a file", "train.py", _run_dir_is_a_file,
@@ -321,6 +460,86 @@ CASES: list[Case] = [
     Case("corrupt JPEG in train/ (skipped, counted)", "train.py", _corrupt_jpeg,
          ("skipping unreadable image", "broken.JPEG"), succeeds=True),
 ]
+
+# A run directory's safety (issue 22): one job per directory, a resume checked before it writes, nothing broken
+# saved as best, every value checked before a rank starts, the filesystem's refusals in plain words.
+RUN_CASES: list[Case] = [
+    # ---- a run directory has one owner
+    Case("a second job on a run directory in use", "train.py", _in_use,
+         ("is in use by another job", "pid", "wait for that job to end", "another --run-dir")),
+    Case("an unexpected error before the run directory exists", "train.py", _startup_error,
+         ("unexpected InjectedFault", "runs/run.crash-rank0.log")),
+    # ---- a resume is checked before it writes
+    Case("resume: another optimizer", "train.py", _resume("optim.optimizer=adam"),
+         ("--resume cannot change optim.optimizer 'sgd' -> 'adam'", "train.init_from="), needs_shared=True),
+    Case("resume: another global batch", "train.py", _resume("data.batch_size=10"),
+         ("--resume cannot change data.batch_size 20 -> 10", "train.init_from="), needs_shared=True),
+    Case("resume: another seed", "train.py", _resume("seed=7"), ("--resume cannot change seed 141 -> 7",),
+         needs_shared=True),
+    Case("resume: another precision", "train.py", _resume("train.precision=bf16"),
+         ("--resume cannot change train.precision 'fp32' -> 'bf16'",), needs_shared=True),
+    Case("resume: another dropout rate", "train.py", _resume("model.dropout=0.1"),
+         ("--resume cannot change model.dropout 0.4 -> 0.1",), needs_shared=True),
+    Case("resume: another learning rate and clip", "train.py", _resume("optim.lr=10", "optim.clip=1"),
+         ("--resume cannot change optim.clip 0.25 -> 1.0, optim.lr 30.0 -> 10.0",), needs_shared=True),
+    Case("resume: a DeepSpeed setting", "train.py", _resume("train.deepspeed={communication_data_type: bf16}"),
+         ("--resume cannot change train.deepspeed",), needs_shared=True),
+    Case("resume: checkpoints/latest deleted (falls back)", "train.py", _resume_with_latest(None),
+         ("resuming from step_00000002", "newest checkpoint that verifies", "latest is missing"), succeeds=True,
+         needs_shared=True),
+    Case("resume: checkpoints/latest holds garbage (falls back)", "train.py", _resume_with_latest(b"\xff\xfe\x00junk"),
+         ("resuming from step_00000002", "newest checkpoint that verifies", "latest is damaged"), succeeds=True,
+         needs_shared=True),
+    Case("resume: checkpoints/latest names a missing tag (falls back)", "train.py",
+         _resume_with_latest(b"step_00000099\n"),
+         ("resuming from step_00000002", "newest checkpoint that verifies", "step_00000099 is unusable"),
+         succeeds=True, needs_shared=True),
+    Case("sweep run again after its base was edited", "sweep.py", _sweep_edited,
+         ("changed since they ran", "optim.lr 30.0 -> 10.0", "--restart-changed")),
+    # ---- nothing broken becomes best
+    Case("optim.lr=1e30: validation diverges", "train.py", _diverging,
+         ("validation loss and ppl are nan or inf at step 2", "not saved", "lower optim.lr")),
+    Case("evaluate a checkpoint holding nan weights", "evaluate.py", _nan_weights,
+         ("holds nan or inf weights", "encoder.weight", "an earlier --checkpoint"), needs_shared=True),
+    Case("a batch larger than the training data allows", "train.py", _new("data.batch_size=350000"),
+         ("data.batch_size=350000", "too few for one step", "largest data.batch_size this data allows is 309,863")),
+    Case("an evaluation batch larger than the validation split", "train.py", _new("data.eval_batch_size=50000"),
+         ("data.eval_batch_size=50000", "valid split", "largest data.eval_batch_size this data allows is 36,880")),
+    Case("a test batch larger than the test split", "train.py", _new("data.test_batch_size=90000"),
+         ("data.test_batch_size=90000", "test split", "largest data.test_batch_size this data allows is 41,215")),
+    Case("an image batch larger than the image folder", "train.py", _images("data.batch_size=512"),
+         ("data.batch_size=512", "96 training images", "largest batch these images allow is 96")),
+    # ---- every value checked before any rank starts
+    Case("--set mapping merged into its section", "train.py",
+         _new("train.epochs=10", "drop={cutoff_epoch: 40}", recipe="awd_ptb_early_dropout"),
+         ("drop.cutoff_epoch=40 is not before train.epochs=10", "early dropout would never end")),
+    Case("train.deepspeed sets the ZeRO stage", "train.py", _new("train.deepspeed={zero_optimization: {stage: 3}}"),
+         ("train.deepspeed.zero_optimization.stage is set by train.zero_stage",)),
+    Case("train.deepspeed sets gradient clipping", "train.py", _new("train.deepspeed={gradient_clipping: 1.0}"),
+         ("train.deepspeed.gradient_clipping is set by optim.clip",)),
+    Case("train.deepspeed sets bf16", "train.py", _new("train.deepspeed={bf16: {enabled: true}}"),
+         ("train.deepspeed.bf16 is set by train.precision",)),
+    Case("train.deepspeed: a value DeepSpeed refuses", "train.py",
+         _new("train.deepspeed={zero_optimization: {reduce_bucket_size: lots}}"),
+         ("train.deepspeed.zero_optimization is refused by DeepSpeed", "reduce_bucket_size")),
+    Case("a negative seed", "train.py", _new("seed=-1"), ("seed must be in [0, 2**63), got -1",)),
+    Case("AdamW betas out of range", "train.py", _images("optim.betas=[0.9, 1.5]"),
+         ("optim.betas", "must be in [0, 1)", "[0.9, 1.5]")),
+    Case("an augmentation policy timm does not have", "train.py", _images("data.auto_augment=randm9"),
+         ("data.auto_augment", "timm has no augmentation policy 'randm9'", "rand-m9-mstd0.5-inc1")),
+    Case("fewer classes than the data has", "train.py", _images("model.num_classes=3"),
+         ("model.num_classes=3", "has 4 classes", "model.num_classes=4")),
+    # ---- operating-system errors while writing a run or sweep directory
+    Case("run directory in a read-only folder", "train.py", _read_only_parent,
+         ("cannot write", "mnt/run", "the file system is read-only", "choose a writable --run-dir")),
+    Case("run directory name too long", "train.py", _name_too_long,
+         ("cannot write", "rrrr", "name is too long", "choose a shorter --run-dir")),
+    Case("the disk fills up during a checkpoint", "train.py", _full_disk,
+         ("cannot write", "mnt/run", "no space left on the device", "files written before are kept")),
+    Case("sweep_dir in a read-only folder", "sweep.py", _read_only_sweep_dir,
+         ("cannot write", "mnt/sweep", "the file system is read-only")),
+]
+CASES = INPUT_CASES + RUN_CASES
 
 
 # ------------------------------------------------------------------ running a case
@@ -353,11 +572,13 @@ def run_case(case: Case, scratch: Path, shared: Shared | None = None, timeout: f
         raise ValueError(f"bad-input case {case.name!r}: a path that must not appear exists before the command")
     before = snapshot(prepared.guard)
     try:
-        proc = run_command(command(case.script, prepared.args, case.ranks, prepared.port), timeout)
+        proc = run_command(command(case.script, prepared.args, case.ranks, prepared.port), timeout, prepared.env)
+        after = snapshot(prepared.guard)
     finally:
         if prepared.hold is not None:
             prepared.hold.close()
-    after = snapshot(prepared.guard)
+        if prepared.cleanup is not None:
+            prepared.cleanup()
     changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
     changed += [f"{p} (appeared)" for p in prepared.absent if p.exists() and not case.succeeds]
     out = proc.stdout + proc.stderr

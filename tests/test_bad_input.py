@@ -4,7 +4,7 @@ exit, no traceback unless --debug, and every file an earlier run wrote left as i
 import pytest
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from bench.bad_inputs import CASES, command, run_case, run_command, train_shared
+from bench.bad_inputs import INPUT_CASES, Case, command, run_case, run_command, train_shared
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +13,14 @@ def shared(tmp_path_factory):
     return train_shared(tmp_path_factory.mktemp("shared"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", INPUT_CASES, ids=[c.name for c in INPUT_CASES])
 def test_bad_input(case, tmp_path, request):
+    check_case(case, tmp_path, request)
+
+
+def check_case(case: Case, tmp_path, request) -> None:
+    """The case's one error line (or warning), exit status, no traceback and nothing changed (tests/test_run_safety.py
+    runs the run-directory cases through it too)."""
     shared = request.getfixturevalue("shared") if case.needs_shared else None
     outcome = run_case(case, tmp_path, shared, timeout=420)  # the port case: the other rank must not hang
     tail = outcome.output[-3000:]

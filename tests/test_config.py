@@ -101,3 +101,13 @@ def _flat(tree, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def test_a_mapping_given_for_a_section_is_merged_key_by_key():
+    """--set 'drop={cutoff_epoch: 40}' (and a sweep's nested base) changes that key and keeps the section's others,
+    as a --config file does: replacing the section would reset mode and schedule to their defaults."""
+    spec = get_recipe("vit_t_early_dropout")
+    cfg = spec.load_config([], ["drop={cutoff_epoch: 40}", "model.kwargs={depth: 2}", "model.kwargs={num_heads: 2}"])
+    assert (cfg.drop.mode, cfg.drop.schedule, cfg.drop.dropout, cfg.drop.cutoff_epoch) == ("early", "linear", 0.1, 40)
+    assert cfg.model.kwargs == {"depth": 2, "num_heads": 2}
+    assert spec.load_config([], ["drop.cutoff_epoch=40"]).drop == cfg.drop  # the dotted key says the same

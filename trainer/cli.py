@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, HostError, UserError
+from .errors import ConfigError, HostError, UserError, describe_os_error
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -49,14 +51,40 @@ def _rank() -> int:
 
 
 def _crash_log(exc: BaseException, run_dir: str | None) -> str:
-    """Keep the traceback on disk so a one-line console error loses nothing."""
-    target = Path(run_dir) if run_dir and Path(run_dir).is_dir() else Path.cwd()
-    path = target / f"crash-rank{_rank()}.log"
-    try:
-        path.write_text("".join(traceback.format_exception(exc)))
-        return str(path)
-    except OSError:
-        return ""
+    """Keep the traceback on disk so a one-line console error loses nothing: in the run directory; before it
+    exists, beside it (``<run>.crash-rank<R>.log`` in its parent); with neither, in a temporary folder. Never in
+    the current directory (the user's checkout). The error line names the file."""
+    text = "".join(traceback.format_exception(exc))
+    name = f"crash-rank{_rank()}.log"
+    places = []
+    if run_dir:
+        run = Path(run_dir)
+        places += [run / name, run.parent / f"{run.name}.{name}"]
+    places.append(Path(tempfile.gettempdir()) / f"dsrecipes-crash-{os.getpid()}" / name)
+    for path in places:
+        try:
+            if path.parent == places[-1].parent:
+                path.parent.mkdir(exist_ok=True)
+            elif not path.parent.is_dir():
+                continue
+            path.write_text(text)
+            return str(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # a full disk leaves an empty file behind
+            continue
+    return ""
+
+
+def _plain(e: BaseException, run_dir: str | None) -> str | None:
+    """A one-line user error for what is not a bug: a filesystem that refuses a write, a device out of memory."""
+    if isinstance(e, OSError):
+        return describe_os_error(e, run_dir)
+    if type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e):
+        return (f"[rank {_rank()}] out of memory ({str(e).splitlines()[0][:160]}): the model and batch need more "
+                "memory than this device has; lower data.batch_size, or split each rank's share with "
+                "train.micro_batch_size")
+    return None
 
 
 def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
@@ -79,9 +107,16 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         _fail(code, f"error: {e}", args.debug, everywhere=isinstance(e, HostError))
     except Exception as e:  # noqa: BLE001 - the last line of defence before a raw traceback
         code = 1
+        run_dir = getattr(args, "run_dir", None)
+        plain = _plain(e, run_dir)
+        if plain is not None:
+            code = 2
+            _crash_log(e, run_dir)  # the traceback is still kept, off the terminal
+            _fail(code, f"error: {plain}", args.debug, everywhere=True)
+            return code
         if watchdog.active() is not None and not args.debug:
             watchdog.active().await_verdict(e)
-        where = _crash_log(e, getattr(args, "run_dir", None))
+        where = _crash_log(e, run_dir)
         msg = str(e).splitlines()[0] if str(e) else ""
         _fail(code, f"error: [rank {_rank()}] unexpected {type(e).__name__}: {msg} "
                     f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", args.debug, everywhere=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from .cli import require
@@ -55,6 +56,8 @@ def train(args: argparse.Namespace) -> int:
             f"--run-dir {args.run_dir} is a file, not a directory; choose another --run-dir")
     spec = get_recipe(args.recipe)
     cfg = spec.load_config(layers, args.overrides)
+    if args.resume:
+        cfg.check_resume(spec.load_config([RunDir(args.run_dir).config]), args.run_dir)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -123,8 +126,14 @@ def evaluate(args: argparse.Namespace) -> int:
     seed_everything(cfg.seed)
     model = recipe.build_model()
     load_weights(model, run.checkpoints, tag)  # averaged weights where the run was averaging
+    broken = next((name for name, p in model.named_parameters() if not p.detach().isfinite().all()), None)
+    require(broken is None, f"checkpoint {run.checkpoints / tag} holds nan or inf weights ({broken}): it was saved "
+                            "from a diverged run; evaluate an earlier --checkpoint")
     model.to(ctx.device)
     metrics = evaluate_split(recipe, model, split, ctx, mode)
+    diverged = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    require(not diverged, f"evaluating {tag} on {split} gave {' and '.join(diverged)} nan or inf: these weights "
+                          "have diverged; evaluate an earlier --checkpoint")
     trainer = saved.get("trainer", {})
     step = trainer.get("step", 0)
     if ctx.is_main:

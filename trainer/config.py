@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +24,41 @@ DATA_ENV = "DSRECIPES_DATA"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# DeepSpeed keys the project sets from its own config: train.deepspeed (the escape hatch, merged last) must not undo
+# what the checks on these keys allow
+DEEPSPEED_OWN_KEYS = {
+    "train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.micro_batch_size", "gradient_clipping": "optim.clip",
+    "zero_optimization.stage": "train.zero_stage", "bf16": "train.precision", "fp16": "train.precision",
+    "amp": "train.precision", "torch_autocast": "train.precision", "optimizer": "the recipe's optim.* keys",
+    "scheduler": "the recipe's optim.* keys", "tensorboard": "the run's own TensorBoard (tensorboard/)",
+}
+
+
+def _check_deepspeed_section(extra: dict[str, Any]) -> dict[str, Any]:
+    for path, owner in DEEPSPEED_OWN_KEYS.items():
+        node: Any = extra
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ValueError(f"train.deepspeed.{path} is set by {owner}: set that instead (train.deepspeed is for "
+                             "DeepSpeed keys the project does not set)")
+    zero = extra.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, dict):
+            raise ValueError(f"train.deepspeed.zero_optimization must be a mapping, not {zero!r}")
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # only when the section is given
+        from pydantic import ValidationError as DeepSpeedValidationError
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except (DeepSpeedValidationError, TypeError, ValueError) as e:
+            first = str(e).splitlines()
+            raise ValueError(f"train.deepspeed.zero_optimization is refused by DeepSpeed: "
+                             f"{' '.join(line.strip() for line in first[1:3]) or first[0]}") from None
+    return extra
 
 
 class TrainConfig(Section):
@@ -47,6 +83,11 @@ class TrainConfig(Section):
     max_consecutive_skips: int = Field(20, ge=1, description="on_nonfinite=skip: stop after this many in a row")
     lost_rank_timeout_s: float = Field(
         60.0, ge=1, description="end the job when a rank has not answered for this long (same node: ~2 s)")
+
+    @field_validator("deepspeed", mode="after")
+    @classmethod
+    def _deepspeed_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_deepspeed_section(value)
 
 
 class DataConfig(Section):
@@ -91,6 +132,64 @@ class RecipeConfig(Section):
     data: DataConfig
     optim: OptimConfig
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    # What a --resume may change (dotted keys; "section.*" for a whole section): how long to train and how often to
+    # evaluate, save, log and analyse, where the data is, how the ranks share the work (the run is the same on any
+    # world size, micro-batch and ZeRO stage), what bounds a failure. Everything else (model, data order and batch,
+    # optimizer, schedules, precision, seed) is what the checkpoint was trained with; a recipe adds its own.
+    resume_may_change: ClassVar[tuple[str, ...]] = (
+        "train.epochs", "train.max_steps", "train.eval_every", "train.checkpoint_every", "train.keep_last",
+        "train.log_every", "train.progress", "train.test_at_end", "train.micro_batch_size", "train.zero_stage",
+        "train.on_nonfinite", "train.max_consecutive_skips", "train.lost_rank_timeout_s",
+        "data.root", "data.verify", "data.download", "analysis.*")
+
+    @field_validator("seed", mode="after")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        """numpy's generators take seeds from 0, torch's below 2**64: one range for every stream the run seeds."""
+        if not 0 <= value < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {value}")
+        return value
+
+    def check_resume(self, saved: "RecipeConfig", run_dir: str) -> None:
+        """Refuse, in one line and before anything is written, a resume that changes what its checkpoint was
+        trained with (see ``resume_may_change``)."""
+        refused = {k: (old, new) for k, old, new in config_diff(saved.model_dump(mode="json"), self.model_dump(mode="json"))
+                   if not any(fnmatch.fnmatchcase(k, pattern) for pattern in self.resume_may_change)}
+        if refused:
+            show = lambda v: "(unset)" if v is UNSET else repr(v)  # noqa: E731
+            shown = ", ".join(f"{k} {show(old)} -> {show(new)}" for k, (old, new) in list(refused.items())[:3])
+            more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+            raise ConfigError(
+                f"--resume cannot change {shown}{more}: the checkpoints in {run_dir} were trained with the old "
+                f"value{'s' if len(refused) > 1 else ''}; drop the change, or start a new run from this one with "
+                f"--set train.init_from={run_dir} (a resume may change: {', '.join(self.resume_may_change)})")
+
+
+UNSET = object()  # a key one of two configs does not have
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key whose value differs, by key; UNSET where one side lacks it.
+    ``True == 1``, yet a bool is not an int: types count too."""
+    a, b = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, UNSET), b.get(key, UNSET)
+        if x != y or type(x) is not type(y):
+            diffs.append((key, x, y))
+    return diffs
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: value} (an empty mapping is a value of its own)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -146,6 +245,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 
 
 def apply_override(tree: dict, key: str, value: Any) -> None:
+    """Set ``key`` (a dotted path) in ``tree``. A mapping given for a section is merged into it key by key, as a
+    config file's is (``--set 'drop={cutoff_epoch: 40}'`` changes that key, not the section's others)."""
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -155,7 +256,10 @@ def apply_override(tree: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        value = deep_merge(node[last], value)
+    node[last] = value
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from .precision import apply_precision, deepspeed_precision, initialize as initi
 from .recipe import BatchPlan, Recipe, even_shares
 from .registry import RecipeSpec
 from .rng import seed_everything
+from .run_lock import RunLock
 from .rundir import RunDir
 
 log = logging.getLogger("trainer")
@@ -143,6 +145,18 @@ class Trainer:
         self.state = LoopState()
 
         self.recipe.setup()
+        # one job per run directory, from before its first write (a resume's cleanup of an interrupted save)
+        self.lock = RunLock.acquire(run_dir.path) if resume and ctx.is_main else None
+        self._wrote = False  # the run's config (a new run), or its resumed state loaded (a resume)
+        try:
+            self._start(resume)
+        except BaseException:
+            if self.lock is not None and not self._wrote:
+                self.lock.abandon()  # refused before anything was written: the directory is as it was
+            raise
+
+    def _start(self, resume: bool) -> None:
+        cfg, ctx, run_dir, spec = self.cfg, self.ctx, self.run_dir, self.spec
         resume_tag = agree_on_resume_tag(run_dir.checkpoints, ctx) if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
@@ -154,9 +168,10 @@ class Trainer:
         if init_tag:
             load_weights(model, RunDir(cfg.train.init_from).checkpoints, init_tag)
             log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
-        if ctx.is_main:
-            run_dir.path.mkdir(parents=True, exist_ok=True)
-            run_dir.config.write_text(to_yaml(cfg))
+        if ctx.is_main and not resume:
+            self.lock = RunLock.acquire(run_dir.path)  # creates the directory: nothing was refused so far
+            self._write_config()
+            self._wrote = True
         barrier(ctx)
         self.analysis = None
         if cfg.analysis.enabled:  # before DeepSpeed: the initial copy must be the fp32 initialization
@@ -184,9 +199,15 @@ class Trainer:
         self.preempted: str | None = None
         if resume_tag:
             self._resume(resume_tag)
+            self._wrote = True
+            if ctx.is_main:  # only once the resumed state has loaded: a failed resume leaves the run as it was
+                self._write_config()
         self.preemption = PreemptionSignals()
         if watchdog.active() is not None:
             watchdog.active().hint = f"; --resume --run-dir {run_dir.path} continues from its last checkpoint"
+
+    def _write_config(self) -> None:
+        self.run_dir.config.write_text(to_yaml(self.cfg))
 
     # ----------------------------------------------------------------- checkpoints
     def _check_compatible(self, saved: dict, tag: str) -> None:
@@ -235,11 +256,19 @@ class Trainer:
         s.last_eval_step = s.step
         with self._averaged():
             metrics = self.evaluate("valid")
+            diverged = sorted(k for k, v in metrics.items() if not math.isfinite(v))
             score = metrics[self.recipe.best_metric]
-            improved = self.recipe.improves(score, s.best)
-            if improved:
+            if not diverged and self.recipe.improves(score, s.best):
                 s.best = score
                 self.save(BEST)
+        if diverged:  # never 'best', never a checkpoint: the record (valid JSON), then the end of the run
+            self.monitor.record("valid", s.step, self._epoch_progress(), metrics)
+            kept = read_latest_tag(self.run_dir.checkpoints)
+            where = f"the last good checkpoint, {kept}, and best are kept" if kept else "none was saved before"
+            raise TrainingError(
+                f"validation {' and '.join(diverged)} {'is' if len(diverged) == 1 else 'are'} nan or inf at step "
+                f"{s.step}: the weights have diverged and are not saved ({where}): lower optim.lr or raise "
+                f"optim.clip, then {'--resume' if kept else 'start again'}")
         extra = {}
         if self.averager is not None and observe:
             event = self.averager.observe(metrics["loss"], s.step)
@@ -382,6 +411,8 @@ class Trainer:
             state = self._fit()
         finally:
             self.monitor.flush()  # what was written since the last record, whatever ended the run
+            if self.lock is not None:
+                self.lock.release()  # the run directory is free for the next job (a resume, another process)
         self.preemption.close()
         return state
 

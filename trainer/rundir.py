@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,15 +35,19 @@ class RunDir:
         return self.path / "checkpoints"
 
     def has_checkpoint(self) -> bool:
-        return (self.checkpoints / "latest").is_file()
+        from .checkpoint.layout import has_checkpoints
+
+        return has_checkpoints(self.checkpoints)
 
     def holds_a_run(self) -> bool:
         """Checkpoints or logged metrics: results a new run must not overwrite (a lone config.yaml is not)."""
         return self.has_checkpoint() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
 
     def append_metrics(self, record: dict) -> None:
+        """One JSON line; a nan or inf value is written as null (JSON has neither)."""
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
@@ -57,7 +62,7 @@ def resolve_run_dir(arg: str | None, recipe: str, resume: bool, ctx: DistContext
             raise ConfigError("--resume needs --run-dir DIR naming the run to continue")
         run = RunDir(arg)
         if not run.has_checkpoint():
-            raise ConfigError(f"nothing to resume in {run.path}: it has no checkpoints/latest; start a new run in another --run-dir")
+            raise ConfigError(f"nothing to resume in {run.path}: it has no checkpoints; start a new run in another --run-dir")
         return run
     if arg:
         run = RunDir(arg)

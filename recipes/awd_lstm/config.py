@@ -69,6 +69,8 @@ class AWDTrainConfig(TrainConfig):
 
 
 class AWDConfig(RecipeConfig):
+    resume_may_change = (*RecipeConfig.resume_may_change, "pointer.*")  # evaluation only
+
     seed: int = 141
     train: AWDTrainConfig
     data: AWDDataConfig

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainer.datasets import ensure_dataset
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.recipe import MicroResult, Recipe, TrainStep
 from trainer.rng import KeyedGenerator
 
@@ -42,6 +42,7 @@ class AWDLSTMRecipe(Recipe):
         d = self.cfg.data
         path = ensure_dataset(d.root, DATASETS[d.dataset], verify=d.verify, download=d.download)
         self.corpus = Corpus.from_dir(path)
+        self._check_batch_sizes()
         self.sampler = BpttSampler(d.bptt, self.cfg.seed)
         self.hidden: list | None = None  # per micro-batch hidden state, carried across steps
         self.masks: AWDMasks | None = None  # this step's masks for the global batch, until its last micro-batch
@@ -54,6 +55,23 @@ class AWDLSTMRecipe(Recipe):
             drop, epochs, steps = self.cfg.drop, self.cfg.train.epochs, self.steps_per_epoch()
             self.drop_schedules = {name: drop.schedule_for(getattr(self.cfg.model, name), epochs, steps)
                                    for name in drop.rates} if drop.mode != "standard" else {}
+
+    def _check_batch_sizes(self) -> None:
+        """Each batch size against the split it cuts into columns: a training column needs 3 rows for one step (an
+        input row, its target, and the loop's bound), an evaluated one 2. Refused before anything runs, naming the
+        largest size the data allows."""
+        d, p, c = self.cfg.data, self.cfg.pointer, self.corpus
+        checks = [("data.eval_batch_size", d.eval_batch_size, "valid", 2), ("data.test_batch_size", d.test_batch_size,
+                  "test", 2), ("pointer.batch_size", p.batch_size, "valid", 2), ("pointer.batch_size", p.batch_size,
+                  "test", 2)]
+        if self.plan is not None:
+            checks.insert(0, ("data.batch_size", d.batch_size, "train", 3))
+        for key, size, split, rows in checks:
+            tokens = len(getattr(c, split))
+            if tokens // size < rows:
+                raise ConfigError(f"{key}={size} leaves the {tokens:,} tokens of {d.dataset}'s {split} split "
+                                  f"{tokens // size} row(s) per column, too few for one step; the largest {key} "
+                                  f"this data allows is {tokens // rows:,}")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
@@ -142,7 +160,7 @@ class AWDLSTMRecipe(Recipe):
 
     def finalize_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         loss = sums["nll"] / sums["tokens"]
-        return {"loss": loss, "ppl": math.exp(loss)}
+        return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf}  # past e^700: diverged, not a ppl
 
     def train_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return {**means, "ppl": math.exp(min(means["loss"], 700.0))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
 from trainer.schedules import DropConfig
@@ -40,6 +40,22 @@ class ImageDataConfig(DataConfig):
     mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="label smoothing")
 
+    @field_validator("auto_augment", mode="after")
+    @classmethod
+    def _timm_policy(cls, value: str | None) -> str | None:
+        """timm parses the policy when the loader is built, on every rank: parse it here, before any rank starts."""
+        if value:
+            from trainer.errors import DataError
+
+            from .data.transforms import build_transforms
+
+            try:
+                build_transforms(32, True, auto_augment=value)
+            except DataError:
+                raise ValueError(f"timm has no augmentation policy {value!r}: use its spelling, e.g. "
+                                 "'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5', 'v0', or null for none") from None
+        return value
+
 
 class ImageOptimConfig(OptimConfig):
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -49,6 +65,13 @@ class ImageOptimConfig(OptimConfig):
     warmup_epochs: float = Field(50, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+
+    @field_validator("betas", mode="after")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each of AdamW's betas must be in [0, 1), got {list(value)}")
+        return value
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0)
     clip: float = Field(0.0, ge=0, description="global gradient-norm clip; 0 = off (the paper)")
@@ -62,6 +85,9 @@ class ImageTrainConfig(TrainConfig):
 
 
 class ImageNetConfig(RecipeConfig):
+    # loader processes and the evaluation batch change no result; compiling changes kernels, not the training
+    resume_may_change = (*RecipeConfig.resume_may_change, "data.workers", "data.eval_batch_size", "train.compile")
+
     seed: int = 0
     train: ImageTrainConfig
     data: ImageDataConfig

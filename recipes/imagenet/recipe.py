@@ -50,9 +50,13 @@ class ImageNetRecipe(Recipe):
         workers = None if d.workers < 0 else d.workers
         self.normalize = DeviceNormalize(self.ctx.device)
         self.val_set = self._open("val")
-        self.num_classes = self.cfg.model.num_classes or len(getattr(self.val_set, "classes", []))
+        found = len(getattr(self.val_set, "classes", []))
+        self.num_classes = self.cfg.model.num_classes or found
         if not self.num_classes:
             raise ConfigError("model.num_classes is 0 and the data does not name its classes; set model.num_classes")
+        if found > self.num_classes:  # a label past the classifier's outputs would fail the first step's loss
+            raise ConfigError(f"model.num_classes={self.num_classes} but {d.root} has {found} classes; set "
+                              f"model.num_classes={found}, or 0 to take the data's count")
         eval_global = d.eval_batch_size or max(1, int(1.5 * d.batch_size))
         self.val_loader = eval_loader(self.val_set, self.ctx, max(1, eval_global // self.ctx.world),
                                       workers=workers)

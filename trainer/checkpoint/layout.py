@@ -35,8 +35,17 @@ def writer_of(name: str) -> int:
 
 
 def read_latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    """The tag ``latest`` names; None when it is missing or holds no tag name (damaged: callers fall back)."""
+    try:
+        tag = (ckpt_dir / LATEST).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if STEP_TAG.match(tag) or tag == BEST else None
+
+
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    """``latest`` or any step checkpoint: something a resume can start from (if one verifies)."""
+    return (ckpt_dir / LATEST).is_file() or bool(step_tags(ckpt_dir))
 
 
 def step_tags(ckpt_dir: Path) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..optim.sharded_average import copy_flat_into
-from .layout import AVERAGE_FILE, FP32_WEIGHTS, MODEL_STATES, read_latest_tag, step_tags
+from .layout import AVERAGE_FILE, FP32_WEIGHTS, LATEST, MODEL_STATES, read_latest_tag, step_tags
 from .writing import verify
 
 log = logging.getLogger("trainer")
@@ -30,15 +30,16 @@ def resolve_tag(ckpt_dir: Path, which: str) -> str:
 
 
 def choose_resume_tag(ckpt_dir: Path) -> str:
-    """``latest`` if it verifies, else the newest step checkpoint that does, each rejection logged."""
+    """``latest`` if it verifies, else the newest step checkpoint that does, each rejection logged; a ``latest``
+    that is missing or holds no tag name is one such rejection."""
     latest = read_latest_tag(ckpt_dir)
     candidates = ([latest] if latest else []) + [t for t in reversed(step_tags(ckpt_dir)) if t != latest]
-    rejected = []
+    rejected = [] if latest else [f"{ckpt_dir / LATEST} is {'damaged' if (ckpt_dir / LATEST).exists() else 'missing'}"]
     for tag in candidates:
         problem = verify(ckpt_dir, tag)
         if problem is None:
             if rejected:
-                log.warning("resuming from %s instead: %s", tag, "; ".join(rejected))
+                log.warning("resuming from %s, the newest checkpoint that verifies: %s", tag, "; ".join(rejected))
             return tag
         rejected.append(f"checkpoint {tag} is unusable ({problem})")
     raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: {'; '.join(rejected) or 'none written'}; "

@@ -4,6 +4,7 @@ holds (the checkpointer hands it the states) and loads none."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -40,13 +41,20 @@ def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict
     if ctx.is_main and staging.exists():
         shutil.rmtree(staging)
     barrier(ctx)
-    staging.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(rank_state, rank_file(staging, ctx.rank))
-    if ctx.is_main:
-        for name, obj in shared.items():
-            _atomic_torch_save(obj, staging / name)
-    barrier(ctx)
-    engine.save_checkpoint(str(ckpt_dir), tag=staging.name, client_state=client_state, save_latest=False)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(rank_state, rank_file(staging, ctx.rank))
+        if ctx.is_main:
+            for name, obj in shared.items():
+                _atomic_torch_save(obj, staging / name)
+        barrier(ctx)
+        engine.save_checkpoint(str(ckpt_dir), tag=staging.name, client_state=client_state, save_latest=False)
+    except RuntimeError as e:  # torch.save's own writer reports a failed write (a full disk) without an errno
+        if shutil.disk_usage(ckpt_dir).free < 64 * 2**20:
+            raise OSError(errno.ENOSPC, str(e).splitlines()[0], str(staging)) from e
+        if "write" in str(e).lower():
+            raise OSError(errno.EIO, str(e).splitlines()[0], str(staging)) from e
+        raise
     _injected_kill(tag, ctx.rank)
     per_rank = gather_to_main(own_entries(staging, ctx.rank), ctx)  # every rank's files are complete
     if ctx.is_main:

@@ -159,8 +159,9 @@ def train_loader(dataset: FolderSplit | WdsSplit, ctx: DistContext, batch_size_p
         steps = sampler.per_rank // batch_size_per_rank if drop_last else math.ceil(
             sampler.per_rank / batch_size_per_rank)
         if steps == 0:
-            raise DataError(f"{len(dataset)} training images give {ctx.world} ranks no batch of "
-                            f"{batch_size_per_rank}; lower the batch size or use more images")
+            raise DataError(f"data.batch_size={batch_size_per_rank * ctx.world}: {len(dataset)} training images "
+                            f"give {ctx.world} rank(s) no batch of {batch_size_per_rank}; the largest batch these "
+                            f"images allow is {sampler.per_rank * ctx.world}, or use more images")
         loader = _dataloader(dataset, ctx, batch_size_per_rank, workers, seed, sampler=sampler, drop_last=drop_last)
 
         def on_epoch(e: int, k: int) -> None:
@@ -178,8 +179,9 @@ def train_loader(dataset: FolderSplit | WdsSplit, ctx: DistContext, batch_size_p
             samples = dataset.num_samples = count_wds_samples(dataset.urls)
         steps = samples // (ctx.world * batch_size_per_rank)
         if steps == 0:
-            raise DataError(f"{samples} training samples give {ctx.world} ranks no batch of "
-                            f"{batch_size_per_rank}; lower the batch size or use more samples")
+            raise DataError(f"data.batch_size={batch_size_per_rank * ctx.world}: {samples} training samples give "
+                            f"{ctx.world} rank(s) no batch of {batch_size_per_rank}; the largest batch these samples "
+                            f"allow is {samples // ctx.world * ctx.world}, or use more samples")
         part = dataset.bind(WdsPlan(ctx.rank, ctx.world, max(1, workers), seed, True, batch_size_per_rank, steps,
                                      shuffle_buffer))
         loader = _dataloader(part, ctx, batch_size_per_rank, workers, seed)
