@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.config import read_config_file, to_yaml
+from trainer.config import flatten, read_config_file, to_yaml
 from trainer.errors import ConfigError
 from trainer.registry import all_recipes, get_recipe
 
@@ -89,18 +89,10 @@ def test_every_recipe_yaml_lists_every_key():
         shipped = read_config_file(spec.config_file)  # with its _base_ merged underneath
         full = spec.load_config().model_dump(mode="json")
         full.pop("recipe")
-        shipped_keys = _flat(shipped)
-        assert set(_flat(full)) <= set(shipped_keys), spec.name
+        shipped_keys = flatten(shipped)
+        assert set(flatten(full)) <= set(shipped_keys), spec.name
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_a_mapping_given_for_a_section_is_merged_key_by_key():
