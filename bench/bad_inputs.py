@@ -566,12 +566,12 @@ class Outcome:
 
 def run_case(case: Case, scratch: Path, shared: Shared | None = None, timeout: float = 600) -> Outcome:
     prepared = case.setup(Path(scratch), shared)
-    if not prepared.guard and not prepared.absent:
-        raise ValueError(f"bad-input case {case.name!r} names nothing it must leave alone")
-    if any(p.exists() for p in prepared.absent):
-        raise ValueError(f"bad-input case {case.name!r}: a path that must not appear exists before the command")
-    before = snapshot(prepared.guard)
     try:
+        if not prepared.guard and not prepared.absent:
+            raise ValueError(f"bad-input case {case.name!r} names nothing it must leave alone")
+        if any(p.exists() for p in prepared.absent):
+            raise ValueError(f"bad-input case {case.name!r}: a path that must not appear exists before the command")
+        before = snapshot(prepared.guard)
         proc = run_command(command(case.script, prepared.args, case.ranks, prepared.port), timeout, prepared.env)
         after = snapshot(prepared.guard)
     finally:
