@@ -383,16 +383,17 @@ def _in_use(scratch: Path, shared: Shared) -> Prepared:
                                                   "train.max_steps=100000"]),
                              cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    lock, deadline = run / ".lock", time.monotonic() + 300
-    while not (lock.is_file() and lock.read_text().strip() and json.loads(lock.read_text())["pid"] == first.pid):
-        if first.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the first job never took the run directory's lock")
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGSTOP)
-
     def undo() -> None:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+
+    lock, deadline = run / ".lock", time.monotonic() + 300
+    while not (lock.is_file() and lock.read_text().strip() and json.loads(lock.read_text())["pid"] == first.pid):
+        if first.poll() is not None or time.monotonic() > deadline:
+            undo()
+            raise RuntimeError("the first job never took the run directory's lock")
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGSTOP)
 
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD], guard=[run], cleanup=undo)
 
