@@ -383,6 +383,7 @@ def _in_use(scratch: Path, shared: Shared) -> Prepared:
                                                   "train.max_steps=100000"]),
                              cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
+
     def undo() -> None:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -394,7 +395,6 @@ def _in_use(scratch: Path, shared: Shared) -> Prepared:
             raise RuntimeError("the first job never took the run directory's lock")
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGSTOP)
-
     return Prepared(["--recipe", "awd_ptb", "--run-dir", str(run), "--set", *TINY_AWD], guard=[run], cleanup=undo)
 
 
