@@ -50,7 +50,7 @@ class ImageNetRecipe(Recipe):
         workers = None if d.workers < 0 else d.workers
         self.normalize = DeviceNormalize(self.ctx.device)
         self.val_set = self._open("val")
-        found = len(getattr(self.val_set, "classes", []))
+        found = len(getattr(self.val_set, "classes", None) or ())  # shards name no classes: None
         self.num_classes = self.cfg.model.num_classes or found
         if not self.num_classes:
             raise ConfigError("model.num_classes is 0 and the data does not name its classes; set model.num_classes")
