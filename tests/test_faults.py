@@ -96,10 +96,10 @@ def gone_at(job, local_rank: int, timeout: float = 240) -> float:
 def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, shared_data):
     """Rank 1 SIGKILLs itself at step 7. Rank 0's watchdog sees the dead process on its node within a check
     interval (1 s at the 10 s timeout set here), names it and exits with EXIT_LOST_RANK. The deepspeed launcher
-    polls its ranks each second, SIGTERMs the rest at the first nonzero exit it meets and passes that status on
-    (its log line names the rank): rank 1's -9, 247 to the shell, or, when both were gone by its poll and it met
-    rank 0 first, 3; which one is the launcher's set order, not ours. On one host the heartbeat timeout plays no
-    part (a 60 s default ends as fast)."""
+    polls its ranks each second (in a set's order), SIGTERMs the rest at the first nonzero exit it meets and passes
+    that status on: rank 1's -9, 247 to the shell, or, when both were gone by its poll and it met rank 0 first, 3.
+    Its log line cannot tell which: it prints the command of the last rank it spawned, whichever failed. On one
+    host the heartbeat timeout plays no part (a 60 s default ends as fast)."""
     run_dir = tmp_path / "run"
     job = streamed(tmp_path, run_dir, ["train.max_steps=12", "train.checkpoint_every=2", "train.eval_every=100000",
                                        "train.lost_rank_timeout_s=10"], "sigkill@7:1")
@@ -107,10 +107,10 @@ def test_killed_rank_ends_the_job_naming_it_and_resume_continues(tmp_path, share
     code = job.wait(timeout=240)
     ended = time.monotonic()
     out = job.output
-    passed_on = re.search(r"'--local_rank=(\d)'.*\] exits with return code = (-?\d+)", out)
+    passed_on = re.search(r"\] exits with return code = (-?\d+)", out)
     assert passed_on, out[-3000:]
-    assert (int(passed_on[1]), int(passed_on[2])) in ((1, -signal.SIGKILL), (0, EXIT_LOST_RANK)), passed_on[0]
-    assert code == int(passed_on[2]) & 0xFF  # 247 or 3
+    assert int(passed_on[1]) in (-signal.SIGKILL, EXIT_LOST_RANK), passed_on[0]
+    assert code == int(passed_on[1]) & 0xFF  # 247 or 3
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: [rank 0] lost rank 1 (process ") and \
         f"--resume --run-dir {run_dir}" in errors[0], out[-3000:]
