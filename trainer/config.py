@@ -12,7 +12,7 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -154,15 +154,12 @@ class RecipeConfig(Section):
     def check_resume(self, saved: "RecipeConfig", run_dir: str) -> None:
         """Refuse, in one line and before anything is written, a resume that changes what its checkpoint was
         trained with (see ``resume_may_change``)."""
-        refused = {k: (old, new) for k, old, new in config_diff(saved.model_dump(mode="json"), self.model_dump(mode="json"))
-                   if not any(fnmatch.fnmatchcase(k, pattern) for pattern in self.resume_may_change)}
+        refused = [d for d in config_diff(saved.model_dump(mode="json"), self.model_dump(mode="json"))
+                   if not any(fnmatch.fnmatchcase(d[0], pattern) for pattern in self.resume_may_change)]
         if refused:
-            show = lambda v: "(unset)" if v is UNSET else repr(v)  # noqa: E731
-            shown = ", ".join(f"{k} {show(old)} -> {show(new)}" for k, (old, new) in list(refused.items())[:3])
-            more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
             raise ConfigError(
-                f"--resume cannot change {shown}{more}: the checkpoints in {run_dir} were trained with the old "
-                f"value{'s' if len(refused) > 1 else ''}; drop the change, or start a new run from this one with "
+                f"--resume cannot change {diffs_text(refused)}: the checkpoints in {run_dir} were trained with the "
+                f"old value{'s' if len(refused) > 1 else ''}; drop the change, or start a new run from this one with "
                 f"--set train.init_from={run_dir} (a resume may change: {', '.join(self.resume_may_change)})")
 
 
@@ -179,6 +176,14 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
         if x != y or type(x) is not type(y):
             diffs.append((key, x, y))
     return diffs
+
+
+def diffs_text(diffs: list[tuple[str, Any, Any]], show: Callable[[Any], str] = repr, limit: int = 3) -> str:
+    """``key old -> new`` for the first ``limit`` of :func:`config_diff`'s keys, then how many more."""
+    fmt = lambda v: "(unset)" if v is UNSET else show(v)  # noqa: E731
+    shown = ", ".join(f"{k} {fmt(old)} -> {fmt(new)}" for k, old, new in diffs[:limit])
+    more = len(diffs) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..config import UNSET, config_diff, read_yaml
+from ..config import config_diff, diffs_text, read_yaml
 from ..errors import ConfigError
 from ..registry import all_recipes
 from ..rundir import RunDir
@@ -62,15 +62,9 @@ def find_changes(points, configs: list[dict]) -> dict[str, Change]:
     return changes
 
 
-def _show(value: Any) -> str:
-    return "(unset)" if value is UNSET else override_value(value)
-
-
 def keys_text(change: Change) -> str:
-    """``key old -> new`` for the first keys, then how many more."""
-    shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in change.diffs[:SHOWN_KEYS])
-    more = len(change.diffs) - SHOWN_KEYS
-    return shown + (f" and {more} more" if more > 0 else "")
+    """``key old -> new`` for the first keys (as ``--set`` would write the values), then how many more."""
+    return diffs_text(change.diffs, override_value, SHOWN_KEYS)
 
 
 def describe(changes: list[Change], sweep_file: str) -> str:
