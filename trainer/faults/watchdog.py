@@ -217,12 +217,19 @@ class PeerWatchdog:
     def _failure(self) -> dict | None:
         return json.loads(self.store.get("failed")) if self.store.check(["failed"]) else None
 
+    def _local_pid_keys(self) -> list[str]:
+        return [f"pid/{self._node}/{i}" for i in range(self._local_world) if i != self.ctx.local_rank]
+
+    def _pids(self, keys: list[str]) -> dict[int, int]:
+        """Rank -> pid of the registered ranks ``keys`` name."""
+        return dict(tuple(map(int, self.store.get(k).decode().split(":"))) for k in keys)
+
     def _dead_local_peer(self) -> str | None:
         if self._local_peers is None:
-            keys = [f"pid/{self._node}/{i}" for i in range(self._local_world) if i != self.ctx.local_rank]
+            keys = self._local_pid_keys()
             if keys and not self.store.check(keys):
                 return None  # not every local rank has registered yet
-            self._local_peers = dict(tuple(map(int, self.store.get(k).decode().split(":"))) for k in keys)
+            self._local_peers = self._pids(keys)
         for rank, pid in self._local_peers.items():
             if not _alive(pid) and not self._done(rank):
                 return f"rank {rank} (process {pid} on this node is gone: killed or crashed)"
@@ -344,8 +351,8 @@ class PeerWatchdog:
         self._mark_done("ok" if ok else "error")
         if not ok:
             self._wind_up(None)
-        elif self.ctx.rank == 0:
-            self._linger()
+        elif self.ctx.rank == 0:  # the others read the outcome from the store it hosts
+            self._await_outcome_read(list(range(1, self.ctx.world)), {})
         self._stop.set()
         self._thread.join(timeout=5 * self.interval + 10)
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread() and \
@@ -376,13 +383,7 @@ class PeerWatchdog:
         """This node's other ranks that registered: rank -> pid."""
         if self._local_peers is not None:
             return self._local_peers
-        found = {}
-        for i in range(self._local_world):
-            key = f"pid/{self._node}/{i}"
-            if i != self.ctx.local_rank and self.store.check([key]):
-                rank, pid = map(int, self.store.get(key).decode().split(":"))
-                found[rank] = pid
-        return found
+        return self._pids([k for k in self._local_pid_keys() if self.store.check([k])])
 
     def _wind_up(self, lost: int | None) -> None:
         """Before this rank exits, having ended the job: wait (at most :meth:`wind_up_s`) until the others have
@@ -397,13 +398,8 @@ class PeerWatchdog:
             return
         if lost in local and _alive(local[lost]) and not self._said_done(lost):
             _kill(local[lost])
-        waiting = [r for r in range(self.ctx.world) if r not in (self.ctx.rank, lost)
-                   and (self.ctx.rank == 0 or r in local)]
-        deadline = time.monotonic() + self.wind_up_s()
-        while waiting and time.monotonic() < deadline:
-            waiting = [r for r in waiting if self._may_not_know(r, local)]
-            if waiting:
-                time.sleep(self.interval / 4)
+        waiting = self._await_outcome_read([r for r in range(self.ctx.world) if r not in (self.ctx.rank, lost)
+                                            and (self.ctx.rank == 0 or r in local)], local)
         for r in waiting:
             if r in local and _alive(local[r]):
                 _kill(local[r])
@@ -426,13 +422,13 @@ class PeerWatchdog:
         except Exception:  # noqa: BLE001 - the store is gone (rank 0 exited): a local rank's exit is all there is
             return rank in local
 
-    def _linger(self) -> None:
+    def _await_outcome_read(self, ranks: list[int], local: dict[int, int]) -> list[int]:
+        """Wait, at most :meth:`wind_up_s`, until none of ``ranks`` may still be running without having read the
+        job's outcome (:meth:`_may_not_know`; ``local``: this node's ranks, whose exit also counts); the ones
+        that still may."""
         deadline = time.monotonic() + self.wind_up_s()
-        while time.monotonic() < deadline:
-            try:
-                lost = self.store.get("lost").decode() if self.store.check(["lost"]) else ""
-                if all(self._done(r) or lost.startswith(f"rank {r} ") for r in range(1, self.ctx.world)):
-                    return
-            except Exception:  # noqa: BLE001
-                return
-            time.sleep(self.interval / 4)
+        while ranks and time.monotonic() < deadline:
+            ranks = [r for r in ranks if self._may_not_know(r, local)]
+            if ranks:
+                time.sleep(self.interval / 4)
+        return ranks
