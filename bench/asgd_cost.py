@@ -48,7 +48,7 @@ from bench.common import (DATA_ROOT, PAPER, SMALL, cleanup, header, judge, legen
                           median, median_ci, overrides, pct, pct_range, progress, ratio_span, round_order,
                           run_training, scratch_dir, shell_line, short_eval_data, verdict)
 from trainer.distributed import DistContext  # noqa: E402
-from trainer.optim.sharded_average import ShardedAverage  # noqa: E402
+from trainer.nt_asgd.sharded_average import ShardedAverage  # noqa: E402
 from trainer.registry import get_recipe  # noqa: E402
 
 BATCH, BPTT = 10, 70

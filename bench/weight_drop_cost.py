@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (header, judge, legend, markdown_table, median, median_ci, pct,  # noqa: E402
                           pct_range, progress, round_order, verdict)
-from trainer.regularizers import weight_drop as wd  # noqa: E402
-from trainer.regularizers.weight_drop import WeightDropLSTM  # noqa: E402
+from recipes.awd_lstm.regularizers import weight_drop as wd  # noqa: E402
+from recipes.awd_lstm.regularizers.weight_drop import WeightDropLSTM  # noqa: E402
 
 SIZES = [(400, 1150), (1150, 1150), (1150, 400)]
 T = 70

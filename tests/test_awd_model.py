@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes.awd_lstm.model import AWDLSTM, AWDOutput
-from trainer.regularizers import WeightDropLSTM
+from recipes.awd_lstm.regularizers import WeightDropLSTM
 
 V, E, H, L = 40, 8, 12, 3
 

@@ -11,7 +11,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from trainer.schedules import DropSites, current_rates, is_head, set_drop_path, set_dropout
+from recipes.imagenet.drop_sites import DropSites, current_rates, is_head, set_drop_path, set_dropout
 
 
 def vit():

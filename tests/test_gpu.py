@@ -201,7 +201,7 @@ def _cudnn_takes(dtype: torch.dtype) -> bool:
 def test_weight_drop_lstm_runs_the_fused_cudnn_kernel(dtype):
     if not _cudnn_takes(dtype):
         pytest.skip(f"this PyTorch's cuDNN takes no {dtype} LSTM (bf16 needs cuDNN 9.13+): PyTorch's own LSTM runs")
-    from trainer.regularizers.weight_drop import WeightDropLSTM
+    from recipes.awd_lstm.regularizers.weight_drop import WeightDropLSTM
 
     lstm = WeightDropLSTM(32, 64, weight_drop=0.5).cuda().to(dtype).train()
     x = torch.randn(20, 4, 32, device="cuda", dtype=dtype, requires_grad=True)
@@ -222,7 +222,7 @@ def test_flat_buffer_lstm_equals_pytorchs_own_lstm_with_the_same_mask():
     """cuDNN with the weights written into its flat buffer against PyTorch's LSTM (cuDNN off) on the same masked
     weights: outputs and every gradient within 1e-5, in fp32 with TF32 off."""
     from trainer.precision import apply_precision
-    from trainer.regularizers.weight_drop import WeightDropLSTM
+    from recipes.awd_lstm.regularizers.weight_drop import WeightDropLSTM
 
     apply_precision("fp32")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from recipes.imagenet.recipe import ImageNetRecipe
 from trainer.distributed import DistContext
 from trainer.engine import plan_batch
 from trainer.registry import get_recipe
-from trainer.schedules import current_rates, set_drop_path, set_dropout
+from recipes.imagenet.drop_sites import current_rates, set_drop_path, set_dropout
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import BIN, ROOT, free_port
-from trainer.optim.nt_asgd import nonmono_triggered
+from trainer.nt_asgd.averager import nonmono_triggered
 
 
 def run_trigger(losses, nonmono):

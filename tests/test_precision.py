@@ -104,7 +104,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     from trainer.analysis import GradientAnalysis
     from trainer.checkpoint import Checkpointer, load_weights
-    from trainer.optim.nt_asgd import NTASGD
+    from trainer.nt_asgd.averager import NTASGD
 
     torch.set_num_threads(1)  # two ranks on a small machine
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -3,14 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.regularizers import (
+from recipes.awd_lstm.regularizers import (
     LockedDropout,
     WeightDropLSTM,
     activation_regularization,
     embedding_dropout,
     temporal_activation_regularization,
 )
-from trainer.regularizers.dropconnect import DropConnectMask, quantized_keep
+from recipes.awd_lstm.regularizers.dropconnect import DropConnectMask, quantized_keep
 
 
 def _reference_lstm(m: WeightDropLSTM) -> nn.LSTM:
@@ -366,7 +366,7 @@ def test_ar_low_precision_accumulates_in_float32():
 
 def test_the_flat_cudnn_buffer_gives_the_separate_weights_outputs_and_gradients():
     """cuDNN's flat buffer cannot be built here; a sequential layout exercises the same write and its gradient."""
-    from trainer.regularizers.weight_drop import _CudnnWeights, _lstm
+    from recipes.awd_lstm.regularizers.weight_drop import _CudnnWeights, _lstm
 
     torch.manual_seed(0)
     m = WeightDropLSTM(8, 6, weight_drop=0.5)

@@ -10,8 +10,9 @@ from timm.layers.attention import Attention
 from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
-from trainer.schedules import (DropConfig, DropSchedule, current_rates, prepare_drop_path, set_drop_path,
-                               set_dropout)
+from recipes.imagenet.config import DropConfig
+from recipes.imagenet.drop_sites import current_rates, prepare_drop_path, set_drop_path, set_dropout
+from trainer.schedules import DropSchedule
 
 # The paper's ImageNet setting scaled down: 300 epochs, early phase of 50 epochs.
 KW = dict(epochs=300, steps_per_epoch=10, cutoff_epoch=50)

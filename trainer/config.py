@@ -103,10 +103,6 @@ class DataConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(..., gt=0)
     clip: float = Field(0.0, ge=0, description="global gradient-norm clip; 0 = off")
-    averaging: Literal["none", "nt_asgd"] = Field("none", description="iterate averaging (NT-ASGD)")
-    nonmono: int = Field(5, ge=1, description="NT-ASGD: evaluations excluded from the best it compares against")
-    t0: int = Field(0, ge=0, description="NT-ASGD: average from this optimizer step whatever the trigger; 0 = trigger")
-    stop_on_nonmono: bool = Field(False, description="stop when the trigger fires while averaging (fine-tuning)")
 
 
 class AnalysisConfig(Section):

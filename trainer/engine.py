@@ -23,7 +23,7 @@ from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved
 from .evaluation import evaluate_split
 from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption, watchdog
 from .monitor import Monitor
-from .optim import build_averager
+from .nt_asgd import build_averager
 from .precision import apply_precision, deepspeed_precision, initialize as initialize_precise
 from .recipe import BatchPlan, Recipe, even_shares
 from .registry import RecipeSpec

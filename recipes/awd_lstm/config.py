@@ -7,6 +7,7 @@ from typing import Literal, get_args
 from pydantic import Field, model_validator
 
 from trainer.config import DataConfig, OptimConfig, RecipeConfig, Section, TrainConfig
+from trainer.nt_asgd.config import NTASGDKeys
 from trainer.schedules import DropTiming
 
 
@@ -34,7 +35,7 @@ class AWDDataConfig(DataConfig):
     download: bool = Field(True, description="fetch missing files from the canonical source")
 
 
-class AWDOptimConfig(OptimConfig):
+class AWDOptimConfig(OptimConfig, NTASGDKeys):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(30.0, gt=0)
     clip: float = Field(0.25, ge=0)

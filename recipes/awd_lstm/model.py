@@ -1,4 +1,4 @@
-"""AWD-LSTM language model (Merity et al. 2017) built on trainer.regularizers."""
+"""AWD-LSTM language model (Merity et al. 2017) built on recipes.awd_lstm.regularizers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.regularizers import (
+from recipes.awd_lstm.regularizers import (
     LockedDropout,
     WeightDropLSTM,
     activation_regularization,

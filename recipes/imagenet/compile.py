@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.schedules import DropSchedule, DropSites
+from trainer.schedules import DropSchedule
+
+from .drop_sites import DropSites
 
 
 def _changes_every_step(schedule: DropSchedule) -> bool:

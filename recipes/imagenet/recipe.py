@@ -1,6 +1,6 @@
 """ImageNet classification with timm models and early / late dropout and stochastic depth (Liu et al. 2023).
 
-The drop rates follow per-step schedules (``trainer/schedules``) applied to the live model before every
+The drop rates follow per-step schedules (``trainer/schedules``, applied by ``drop_sites``) applied to the live model before every
 optimizer step, at the reference's sites (no classifier-head dropout); the models are built with every drop-path
 slot present so that blocks created at rate 0 still take later rates. Training uses timm's transforms, mixup /
 cutmix and losses; loader workers send uint8 images, normalized (then, for training, randomly erased and mixed)
@@ -22,7 +22,7 @@ from torch import nn
 from trainer.distributed import all_reduce_sums
 from trainer.errors import ConfigError, DataError
 from trainer.recipe import MicroResult, Recipe, TrainStep
-from trainer.schedules import DropSites, prepare_drop_path
+from .drop_sites import DropSites, prepare_drop_path
 
 from .compile import compile_model
 from .config import ImageDataConfig, ImageNetConfig

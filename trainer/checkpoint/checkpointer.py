@@ -21,7 +21,7 @@ from .tags import choose_resume_tag, read_average_state
 from .writing import recover_interrupted, write
 
 if TYPE_CHECKING:
-    from ..optim import NTASGD
+    from ..nt_asgd import NTASGD
     from ..recipe import Recipe
 
 log = logging.getLogger("trainer")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..optim.sharded_average import copy_flat_into
+from ..nt_asgd.sharded_average import copy_flat_into
 from .layout import AVERAGE_FILE, FP32_WEIGHTS, LATEST, MODEL_STATES, read_latest_tag, step_tags
 from .writing import verify
 

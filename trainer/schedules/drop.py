@@ -26,7 +26,7 @@ _SHAPES = ("constant", "linear")
 class DropSchedule:
     """One drop rate as a function of the optimizer step.
 
-    A config never asks for a ``cutoff_epoch`` at or past ``epochs`` (:meth:`DropConfig.check_epochs`
+    A config never asks for a ``cutoff_epoch`` at or past ``epochs`` (a recipe config's ``check_epochs``
     rejects it when the config is validated); built directly, a schedule treats such a cutoff as an
     early or late phase covering the whole run. Steps past the run keep the last scheduled value so
     an extra step cannot crash training.
@@ -93,81 +93,12 @@ class DropSchedule:
         return f"{self.base:g} until epoch {self.cutoff_epoch}, then 0"
 
 
-_WHAT = {"dropout": "dropout", "drop_path": "stochastic depth"}
-
-
-def _check_cutoff(key: str, mode: str, cut: int, epochs: int, what: str) -> None:
+def check_cutoff(key: str, mode: str, cut: int, epochs: int, what: str) -> None:
     """An early phase that never ends, or a late one that never starts, is a mistake, not a schedule."""
     if mode != "standard" and cut >= epochs:
         never = "never end" if mode == "early" else "never start"
         raise ValueError(f"drop.{key}={cut} is not before train.epochs={epochs}: {mode} {what} would {never}; "
                          f"lower drop.{key} below {epochs} or raise train.epochs")
-
-
-class DropConfig(Section):
-    """Dropout and stochastic-depth rates with their early/late schedules.
-
-    The shared ``mode``/``schedule``/``cutoff_epoch`` apply to both kinds unless a per-kind
-    override is set, since the paper pairs e.g. early dropout with standard stochastic depth.
-    """
-
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate (all nn.Dropout layers, attention included)")
-    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic-depth rate of the last block; "
-                             "earlier blocks get linearly less, the first none")
-    mode: Mode = Field("standard", description="standard: rate throughout; early: only before cutoff_epoch; "
-                       "late: only from cutoff_epoch")
-    schedule: Shape = Field("constant", description="early phase shape: constant, or linear decay to 0 at the "
-                            "cutoff; late allows constant only; ignored by standard")
-    cutoff_epoch: int = Field(0, ge=0, description="epoch where early dropout ends / late dropout starts; "
-                              "1 .. train.epochs-1 for early and late")
-    dropout_mode: Mode | None = Field(None, description="dropout's mode; None = mode")
-    drop_path_mode: Mode | None = Field(None, description="stochastic depth's mode; None = mode")
-    dropout_schedule: Shape | None = Field(None, description="dropout's schedule; None = schedule")
-    drop_path_schedule: Shape | None = Field(None, description="stochastic depth's schedule; None = schedule")
-    dropout_cutoff_epoch: int | None = Field(None, ge=0, description="dropout's cutoff epoch; None = cutoff_epoch")
-    drop_path_cutoff_epoch: int | None = Field(None, ge=0,
-                                               description="stochastic depth's cutoff epoch; None = cutoff_epoch")
-
-    def _resolve(self, kind: str) -> tuple[tuple[str, Mode], tuple[str, Shape], tuple[str, int]]:
-        """Effective (key, value) per setting, so errors can name the key the user actually set."""
-        out = []
-        for shared in ("mode", "schedule", "cutoff_epoch"):
-            key = f"{kind}_{shared}"
-            value = getattr(self, key)
-            out.append((key, value) if value is not None else (shared, getattr(self, shared)))
-        return tuple(out)  # type: ignore[return-value]
-
-    @model_validator(mode="after")
-    def _check_schedules(self) -> DropConfig:
-        for kind in ("dropout", "drop_path"):
-            (mode_key, mode), (shape_key, shape), (cut_key, cut) = self._resolve(kind)
-            if mode == "late" and shape == "linear":
-                raise ValueError(f"{shape_key}: late allows constant only ({mode_key} is 'late', got 'linear')")
-            if mode != "standard" and cut == 0:
-                raise ValueError(f"{cut_key}: {mode_key} '{mode}' needs a cutoff epoch >= 1")
-        return self
-
-    def check_epochs(self, epochs: int) -> None:
-        """Raise ValueError naming both keys if an early or late cutoff is not before ``train.epochs``.
-
-        A recipe config calls it from its own validator, where ``train.epochs`` is known. A kind whose rate is 0
-        is not checked: its schedule is 0 whatever the cutoff (e.g. a dropout baseline of an early-dropout recipe).
-        """
-        for kind in ("dropout", "drop_path"):
-            (_, mode), _, (cut_key, cut) = self._resolve(kind)
-            if getattr(self, kind) > 0:
-                _check_cutoff(cut_key, mode, cut, epochs, _WHAT[kind])
-
-    def _schedule_for(self, kind: str, epochs: int, steps_per_epoch: int) -> DropSchedule:
-        (_, mode), (_, shape), (_, cut) = self._resolve(kind)
-        return DropSchedule(base=getattr(self, kind), mode=mode, shape=shape, cutoff_epoch=cut,
-                            epochs=epochs, steps_per_epoch=steps_per_epoch)
-
-    def dropout_schedule_for(self, epochs: int, steps_per_epoch: int) -> DropSchedule:
-        return self._schedule_for("dropout", epochs, steps_per_epoch)
-
-    def drop_path_schedule_for(self, epochs: int, steps_per_epoch: int) -> DropSchedule:
-        return self._schedule_for("drop_path", epochs, steps_per_epoch)
 
 
 class DropTiming(Section):
@@ -192,7 +123,7 @@ class DropTiming(Section):
     def check_epochs(self, epochs: int) -> None:
         """Raise ValueError naming both keys if an early or late cutoff is not before ``train.epochs``
         (called from the recipe config's validator, where ``train.epochs`` is known)."""
-        _check_cutoff("cutoff_epoch", self.mode, self.cutoff_epoch, epochs, "dropout")
+        check_cutoff("cutoff_epoch", self.mode, self.cutoff_epoch, epochs, "dropout")
 
     def schedule_for(self, base: float, epochs: int, steps_per_epoch: int) -> DropSchedule:
         return DropSchedule(base=base, mode=self.mode, shape=self.schedule, cutoff_epoch=self.cutoff_epoch,
