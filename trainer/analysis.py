@@ -13,25 +13,28 @@ The analysis must not perturb training, so gradients come from ``torch.autograd.
 (DeepSpeed's gradient buffers, ZeRO hooks and the optimizer never see them) and everything the forward passes
 may change (RNG streams, train/eval flags, buffers such as BatchNorm statistics) is restored afterwards.
 
-The engine (``Trainer``) builds it before ``deepspeed.initialize`` so the initial copy is the fp32
-initialization, captures a fixed analysis set once from a fresh ``train_steps(0, None)`` (a second live iterator
-would share recipe state: the ImageNet loader's epoch, the AWD-LSTM BPTT sampler and hidden state), and calls
-``run`` on every rank at the same steps (it all-reduces) inside ``preserved_recipe_state``.
+It attaches to the loop as a callback (:class:`GradientAnalysisCallback`): the initial copy is taken when the
+model is built, before ``deepspeed.initialize`` (the fp32 initialization); a fixed analysis set is captured once
+from a training stream of its own (``recipe.train_data``: the training stream's order, position and hidden state
+are never touched), and ``run`` is called on every rank at the same steps (it all-reduces), after the step's
+validation and checkpoint, its forwards starting from a copy of what the training stream carries then (an LSTM's
+hidden state).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 from torch import nn
 
-from .config import AnalysisConfig
+from .callbacks import Callback, Loop
+from .config import AnalysisConfig, RecipeConfig
 from .distributed import DistContext
 from .errors import ConfigError
 from .precision import master_pieces, master_values, uses_masters
@@ -93,9 +96,12 @@ def _unit(vec: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Micro-batches are recipe-defined trees of tensors (tuples, lists, dicts); move every tensor."""
+    """Micro-batches are recipe-defined trees of tensors (dataclasses, tuples, lists, dicts); move every tensor."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return type(obj)(*(to_device(v, device) for v in obj))
     if isinstance(obj, (list, tuple)):
@@ -123,27 +129,28 @@ def preserved_module_state(model: nn.Module) -> Iterator[dict[nn.Module, bool]]:
 
 
 @contextmanager
-def preserved_recipe_state(recipe) -> Iterator[None]:
-    """A recipe's shared and per-rank state (data-order generators, carried hidden state) is put back on exit."""
-    shared = copy.deepcopy(recipe.state_dict())
-    private = copy.deepcopy(recipe.rank_state_dict())
+def preserved_stream_state(data) -> Iterator[None]:
+    """A training stream's shared and per-rank state (data-order generators, carried hidden state) is put back
+    on exit."""
+    shared = copy.deepcopy(data.state_dict())
+    private = copy.deepcopy(data.rank_state_dict())
     try:
         yield
     finally:
-        recipe.load_state_dict(shared)
-        recipe.load_rank_state_dict(private)
+        data.load_state_dict(shared)
+        data.load_rank_state_dict(private)
 
 
-def capture_batches(recipe, n: int, epoch: int = 0, device: torch.device | str = "cpu") -> list[list[Any]]:
-    """The first ``n`` steps' micro-batches of a fresh ``train_steps(epoch, None)``, a fixed analysis set.
+def capture_batches(data, n: int, epoch: int = 0, device: torch.device | str = "cpu") -> list[list[Any]]:
+    """The first ``n`` steps' micro-batches of ``data``'s ``epoch``, a fixed analysis set.
 
     Kept in host memory by default (S mini-batches of images would crowd the accelerator); ``make_grad_fn``
-    moves each micro-batch to the device when it is used. RNG and recipe state are restored afterwards.
+    moves each micro-batch to the device when it is used. RNG and the stream's state are restored afterwards.
     """
-    with preserved_recipe_state(recipe):
+    with preserved_stream_state(data):
         rng = capture_rng()
         try:
-            steps = recipe.train_steps(epoch, None)
+            steps = data.steps(epoch)
             out = [to_device(ts.micro_batches, device) for ts in islice(steps, n)]
             close = getattr(steps, "close", None)
             if close is not None:
@@ -156,31 +163,14 @@ def capture_batches(recipe, n: int, epoch: int = 0, device: torch.device | str =
     return out
 
 
-class BareEngine:
-    """What ``micro_loss`` receives during the analysis: calling it runs the bare module, not the DeepSpeed engine.
-
-    Any other attribute (``module``, ``device``, ...) is the real engine's, so recipes work unchanged.
-    """
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.module = getattr(engine, "module", engine)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-
-def make_grad_fn(recipe, engine, device: torch.device | str | None = None) -> GradFn:
-    """A recipe-agnostic ``grad_fn``: the recipe's own loss, differentiated with ``torch.autograd.grad``."""
-    bare = BareEngine(engine)
+def make_grad_fn(recipe, module: nn.Module, plan, device: torch.device | str | None = None) -> GradFn:
+    """A recipe-agnostic ``grad_fn``: the recipe's own loss outside a step (no step context: the model draws its
+    own masks), weighted as ``plan`` weighs it in training, differentiated with ``torch.autograd.grad``."""
 
     def grad_fn(micro: Any, train_mode: bool) -> torch.Tensor:  # the mode is already set by GradientAnalysis
         if device is not None:
             micro = to_device(micro, device)
-        return flat_grad(bare.module, recipe.plan.weighted_loss(recipe.micro_loss(bare, micro)))
+        return flat_grad(module, plan.weighted_loss(recipe.loss(module, micro, None)))
 
     return grad_fn
 
@@ -265,3 +255,34 @@ class GradientAnalysis:
             "analysis/reference_grad_norm": reference_norm,
         })
         return out
+
+
+class GradientAnalysisCallback(Callback):
+    """``analysis.enabled``: the analysis every ``analysis.every`` steps, logged to TensorBoard and the console."""
+
+    def __init__(self, cfg: AnalysisConfig, ctx: DistContext, seed: int):
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+        self.analysis: GradientAnalysis | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RecipeConfig, ctx: DistContext) -> GradientAnalysisCallback | None:
+        return cls(cfg.analysis, ctx, cfg.seed) if cfg.analysis.enabled else None
+
+    def on_model(self, model: nn.Module) -> None:
+        self.analysis = GradientAnalysis(self.cfg, model, self.ctx, seed=self.seed)
+
+    def on_start(self, loop: Loop) -> None:
+        self.monitor = loop.monitor
+        self.training = loop.data
+        self.stream = loop.recipe.train_data(loop.data.plan)  # its own: training's stream is never touched
+        self.batches = capture_batches(self.stream, self.cfg.needed_batches)
+        self.grad_fn = make_grad_fn(loop.recipe, loop.module, loop.data.plan, loop.ctx.device)
+
+    def on_step_end(self, step: int) -> None:
+        if not self.analysis.due(step):
+            return
+        with preserved_stream_state(self.stream):  # from what training carries now (a copy), put back after
+            self.stream.load_rank_state_dict(self.training.rank_state_dict())
+            scalars = self.analysis.run(step, self.grad_fn, self.batches)
+        self.monitor.scalars(step, scalars)
+        self.monitor.console(f"step {step} analysis", scalars)

@@ -120,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> int:
     ctx = init_distributed()
     setup_console_logging(ctx)
     apply_precision("tf32" if cfg.train.precision == "tf32" else "fp32")  # the fp32 weights, in IEEE fp32 unless asked
-    recipe = spec.factory(cfg, ctx, None)
+    recipe = spec.factory(cfg, ctx)
     recipe.setup()
     check_signature(recipe.checkpoint_signature(), saved, tag)
     seed_everything(cfg.seed)

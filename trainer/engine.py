@@ -6,30 +6,31 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signature, load_weights, read_client_state,
                          read_latest_tag, resolve_tag, step_tag)
-from .clipping import DeviceClipper, clips_on_device
-from .config import RecipeConfig, deep_merge, to_yaml
-from .distributed import DistContext, all_reduce_sums, barrier, deepspeed_args
+from .builtin_callbacks import build_callbacks
+from .callbacks import Loop
+from .batching import plan_batch
+from .config import RecipeConfig, to_yaml
+from .deepspeed_engine import build_engine, choose_precision
+from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
-from .analysis import GradientAnalysis, capture_batches, make_grad_fn, preserved_recipe_state
 from .evaluation import evaluate_split
-from .faults import FaultPlan, PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption, watchdog
+from .faults import PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption
 from .monitor import Monitor
-from .nt_asgd import build_averager
-from .precision import apply_precision, deepspeed_precision, initialize as initialize_precise
-from .recipe import BatchPlan, Recipe, even_shares
-from .registry import RecipeSpec
+from .recipe import Recipe, TrainData
 from .rng import seed_everything
-from .run_lock import RunLock
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .callbacks import Callback
+    from .registry import RecipeSpec
 
 log = logging.getLogger("trainer")
 
@@ -38,89 +39,11 @@ class TrainingError(UserError):
     pass
 
 
-def plan_batch(global_batch: int, world: int, micro: int, rank: int = 0, uneven: bool = False) -> BatchPlan:
-    """Split the global batch over ranks and accumulation steps (see ``BatchPlan``).
-
-    ``micro`` (``train.micro_batch_size``, 0 = a rank's whole share) bounds a micro-batch; the accumulation
-    count is what the largest share needs. A recipe that cannot train uneven shares gets exact division.
-    """
-    if global_batch < world:
-        raise ConfigError(f"data.batch_size={global_batch} is smaller than the {world} data-parallel ranks; "
-                          f"use a batch of at least {world} or fewer ranks")
-    if global_batch % world and not uneven:
-        raise ConfigError(
-            f"data.batch_size={global_batch} does not divide over {world} data-parallel ranks; "
-            f"use a multiple of {world}"
-        )
-    shares = even_shares(global_batch, world)
-    largest = shares[0]
-    micro = micro or largest
-    if uneven:
-        accumulation = -(-largest // micro)
-        if shares[-1] < accumulation:
-            raise ConfigError(
-                f"train.micro_batch_size={micro} needs {accumulation} micro-batches per step, but a rank's share "
-                f"of data.batch_size={global_batch} over {world} ranks is only {shares[-1]}; raise "
-                "train.micro_batch_size or the batch")
-        micro = -(-largest // accumulation)
-    else:
-        if largest % micro:
-            raise ConfigError(
-                f"train.micro_batch_size={micro} does not divide the per-rank batch {largest} "
-                f"(data.batch_size={global_batch} over {world} ranks); pick a divisor of {largest}"
-            )
-        accumulation = largest // micro
-    return BatchPlan(global_batch, world, rank, shares, micro, accumulation)
-
-
-def resolve_precision(cfg: RecipeConfig, recipe_cls: type[Recipe], ctx: DistContext) -> str:
-    """``auto``: the recipe's ``default_precision`` on a bf16-capable GPU, fp32 elsewhere (trainer/precision.py
-    says what each mode is). bf16 also runs on CPU (slowly); a GPU without bf16 is refused in one line."""
-    choice = cfg.train.precision
-    bf16_ok = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if choice == "auto":
-        return recipe_cls.default_precision if bf16_ok else "fp32"
-    if choice == "bf16" and ctx.device.type == "cuda" and not bf16_ok:
-        raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(ctx.device)} has no bf16; "
-                          "use train.precision=fp32 or auto")
-    return choice
-
-
-def deepspeed_config(cfg: RecipeConfig, plan: BatchPlan, precision: str) -> dict:
-    """DeepSpeed's config for this run. Gradient clipping is the loop's wherever DeepSpeed's own would read back
-    from the device (trainer/clipping.py): there ``gradient_clipping`` is 0. TensorBoard is the loop's own
-    (trainer/monitor.py): DeepSpeed's monitor would add a second learning-rate series, flushed every step."""
-    ds: dict[str, Any] = {
-        # DeepSpeed's batch arithmetic (train = micro x accumulation x world) only describes even splits;
-        # it only feeds its own logging, so an uneven plan gives it the largest micro-batch and no total.
-        **({"train_batch_size": plan.global_batch} if plan.even else {}),
-        "train_micro_batch_size_per_gpu": plan.micro,
-        "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": cfg.optim.clip,
-        "steps_per_print": 10**12,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        # DeepSpeed's throughput timer synchronizes the device at every forward and step; the loop measures
-        # perf/<unit>_per_s itself, so it and the per-phase wall-clock timers stay off
-        "timers": {"throughput": {"enabled": False, "synchronized": False}},
-        "wall_clock_breakdown": False,
-    }
-    ds = deep_merge(deep_merge(ds, deepspeed_precision(precision, cfg.train.zero_stage)), cfg.train.deepspeed)
-    if clips_on_device(precision, zero_stage_of(ds)):
-        ds["gradient_clipping"] = 0.0
-    return ds
-
-
-def zero_stage_of(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 @dataclass
 class LoopState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs completed
     steps_in_epoch: int = 0
-    position: Any = None  # the recipe's data position within the current epoch
     best: float | None = None  # the best validation value of the recipe's best_metric so far
     last_eval_step: int = -1
     last_ckpt_step: int = -1
@@ -129,24 +52,26 @@ class LoopState:
 
 
 class Trainer:
-    def __init__(self, spec: RecipeSpec, cfg: RecipeConfig, ctx: DistContext, run_dir: RunDir, resume: bool):
+    """The loop: a recipe's model, loss and data stream on DeepSpeed's engine, with the callbacks the run's config
+    turns on (``callbacks``: a caller's own, after those) around it."""
+
+    def __init__(self, spec: RecipeSpec, cfg: RecipeConfig, ctx: DistContext, run_dir: RunDir, resume: bool,
+                 callbacks: list[Callback] = ()):
         self.spec, self.cfg, self.ctx, self.run_dir = spec, cfg, ctx, run_dir
-        self.faults = FaultPlan.from_env(ctx.rank)
-        if self.faults:
-            self.faults.raise_error(0)  # a rank failing at start-up
+        self.callbacks = build_callbacks(cfg, ctx, list(callbacks))  # first: a start-up fault fires here
         if spec.requires_init and not resume and not cfg.train.init_from:
             raise ConfigError(f"recipe {spec.name} continues a trained run: pass --set train.init_from=RUN_DIR "
                               f"(its '{cfg.train.init_checkpoint}' checkpoint is loaded)")
         self.plan = plan_batch(cfg.data.batch_size, ctx.world, cfg.train.micro_batch_size, ctx.rank,
                                spec.factory.uneven_batches)
-        self.precision = resolve_precision(cfg, spec.factory, ctx)
-        apply_precision(self.precision)
-        self.recipe: Recipe = spec.factory(cfg, ctx, self.plan)
+        self.precision = choose_precision(cfg, spec.factory, ctx)
+        self.recipe: Recipe = spec.factory(cfg, ctx)
         self.state = LoopState()
 
         self.recipe.setup()
+        self.data: TrainData = self.recipe.train_data(self.plan)
         # one job per run directory, from before its first write (a resume's cleanup of an interrupted save)
-        self.lock = RunLock.acquire(run_dir.path) if resume and ctx.is_main else None
+        self.lock = run_dir.lock() if resume and ctx.is_main else None
         self._wrote = False  # the run's config (a new run), or its resumed state loaded (a resume)
         try:
             self._start(resume)
@@ -156,7 +81,7 @@ class Trainer:
             raise
 
     def _start(self, resume: bool) -> None:
-        cfg, ctx, run_dir, spec = self.cfg, self.ctx, self.run_dir, self.spec
+        cfg, ctx, run_dir = self.cfg, self.ctx, self.run_dir
         resume_tag = agree_on_resume_tag(run_dir.checkpoints, ctx) if resume else None
         if resume_tag:  # before anything is written: a refused resume leaves the run as it was
             self._check_compatible(read_client_state(run_dir.checkpoints, resume_tag), resume_tag)
@@ -165,36 +90,24 @@ class Trainer:
             self.init_tag = init_tag = self._check_init_source(cfg.train.init_from, cfg.train.init_checkpoint)
         seed_everything(cfg.seed)  # identical initial weights whatever the world size
         model = self.recipe.build_model()  # before the run directory: a refused model (model.name) leaves none
+        model = self.recipe.for_training(model, self.data)
         if init_tag:
             load_weights(model, RunDir(cfg.train.init_from).checkpoints, init_tag)
             log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
         if ctx.is_main and not resume:
-            self.lock = RunLock.acquire(run_dir.path)  # creates the directory: nothing was refused so far
+            self.lock = run_dir.lock()  # creates the directory: nothing was refused so far
             self._write_config()
             self._wrote = True
         barrier(ctx)
-        self.analysis = None
-        if cfg.analysis.enabled:  # before DeepSpeed: the initial copy must be the fp32 initialization
-            self.analysis = GradientAnalysis(cfg.analysis, model, ctx, seed=cfg.seed)
-            self._analysis_batches = capture_batches(self.recipe, cfg.analysis.needed_batches)
+        self.callbacks.on_model(model)  # before DeepSpeed: the fp32 initialization
         optimizer = self.recipe.build_optimizer(model)
         self.gate = StepGate(optimizer)  # DeepSpeed's wrappers and the scheduler's step tracking call through it
-        self.scheduler = LambdaLR(optimizer, self.recipe.lr_factor)
-        self.engine, _, _, _ = initialize_precise(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=self.scheduler,
-            config=(ds := deepspeed_config(cfg, self.plan, self.precision)),
-            args=deepspeed_args(ctx),
-        )
-        clips = clips_on_device(self.precision, zero_stage_of(ds))  # and DeepSpeed does not (deepspeed_config)
-        self.clipper = DeviceClipper(self.engine, cfg.optim.clip) if clips else None
-        if self.analysis is not None:
-            self._analysis_grad = make_grad_fn(self.recipe, self.engine, ctx.device)
+        self.scheduler = LambdaLR(optimizer, self._lr_factor)
+        self.engine, self.clipper = build_engine(model, optimizer, self.scheduler, cfg, self.plan, self.precision, ctx)
         seed_everything(cfg.seed + 1000003 * ctx.rank)  # per-rank streams (timm's dropout, mixup; AWD-LSTM keys its own)
         self.monitor = Monitor(run_dir, ctx, tensorboard=True)
         self.ckpt = Checkpointer(self.engine, run_dir.checkpoints, ctx, cfg.train.keep_last)
-        self.averager = build_averager(cfg.optim, self.engine.module, ctx)
+        self.callbacks.on_start(Loop(cfg, ctx, self.recipe, self.data, self.engine.module, self.monitor))
         self._stop_requested = False
         self.preempted: str | None = None
         if resume_tag:
@@ -203,8 +116,9 @@ class Trainer:
             if ctx.is_main:  # only once the resumed state has loaded: a failed resume leaves the run as it was
                 self._write_config()
         self.preemption = PreemptionSignals()
-        if watchdog.active() is not None:
-            watchdog.active().hint = f"; --resume --run-dir {run_dir.path} continues from its last checkpoint"
+
+    def _lr_factor(self, step: int) -> float:
+        return self.recipe.lr_factor(step, self.data)
 
     def _write_config(self) -> None:
         self.run_dir.config.write_text(to_yaml(self.cfg))
@@ -231,30 +145,27 @@ class Trainer:
         if tag != BEST:
             self.state.last_ckpt_step = self.state.step
         trainer_state = {**asdict(self.state), "recipe": self.spec.name, "world": self.ctx.world}
-        self.ckpt.save(tag, trainer_state, self.recipe, self.averager)
+        self.ckpt.save(tag, trainer_state, self.data, self.callbacks, self.recipe.checkpoint_signature())
         log.info("saved checkpoint %s at step %d", tag, self.state.step)
 
     def _resume(self, tag: str) -> None:
-        """Continue from ``tag``: the checkpointer restores the engine, recipe, average and RNG streams (on this
-        world size or another) and hands back the loop's saved state."""
-        for k, v in self.ckpt.restore(tag, self.recipe, self.averager, self.plan.global_batch).items():
+        """Continue from ``tag``: the checkpointer restores the engine, the data stream, the callbacks and the RNG
+        streams (on this world size or another) and hands back the loop's saved state."""
+        for k, v in self.ckpt.restore(tag, self.data, self.callbacks, self.plan.global_batch).items():
             if hasattr(self.state, k):
                 setattr(self.state, k, v)
         log.info("resumed from %s at step %d (epoch %d)", tag, self.state.step, self.state.epoch)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, split: str) -> dict[str, float]:
-        return evaluate_split(self.recipe, self.engine.module, split, self.ctx)
-
-    def _averaged(self):
-        """Evaluate and keep 'best' with the averaged weights once averaging runs."""
-        return self.averager.swapped() if self.averager is not None else nullcontext()
+        return evaluate_split(self.recipe, self.engine.module, split, self.ctx, extra=self.data.report())
 
     def _validate(self, observe: bool = True) -> None:
-        """Validate, keep 'best' and (``observe``) let the averager's non-monotone rule see the score."""
+        """Validate (with the callbacks' evaluation weights, e.g. an average), keep 'best' and (``observe``: not
+        the baseline of loaded weights) let the callbacks see the score."""
         s = self.state
         s.last_eval_step = s.step
-        with self._averaged():
+        with self.callbacks.eval_weights():
             metrics = self.evaluate("valid")
             diverged = sorted(k for k, v in metrics.items() if not math.isfinite(v))
             score = metrics[self.recipe.best_metric]
@@ -269,24 +180,10 @@ class Trainer:
                 f"validation {' and '.join(diverged)} {'is' if len(diverged) == 1 else 'are'} nan or inf at step "
                 f"{s.step}: the weights have diverged and are not saved ({where}): lower optim.lr or raise "
                 f"optim.clip, then {'--resume' if kept else 'start again'}")
-        extra = {}
-        if self.averager is not None and observe:
-            event = self.averager.observe(metrics["loss"], s.step)
-            if event == "start":
-                extra["asgd_start_step"] = self.averager.start_step
-                log.info("validation stopped improving: averaging (NT-ASGD) from step %d", self.averager.start_step)
-            elif event == "stop":
-                extra["stop"] = "nonmono"
-                self._stop_requested = True
-                log.info("validation stopped improving while averaging: stopping (optim.stop_on_nonmono)")
-        self.monitor.record("valid", s.step, self._epoch_progress(), metrics, extra)
+        verdict = self.callbacks.on_validate(metrics, s.step) if observe else None
+        self._stop_requested |= verdict is not None and verdict.stop
+        self.monitor.record("valid", s.step, self._epoch_progress(), metrics, verdict.fields if verdict else {})
         self.monitor.console(f"step {s.step} valid", metrics)
-
-    def _analyse(self) -> None:
-        with preserved_recipe_state(self.recipe):
-            scalars = self.analysis.run(self.state.step, self._analysis_grad, self._analysis_batches)
-        self.monitor.scalars(self.state.step, scalars)
-        self.monitor.console(f"step {self.state.step} analysis", scalars)
 
     def _test_best(self) -> None:
         if not (self.run_dir.checkpoints / BEST).is_dir():
@@ -298,13 +195,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def _epoch_progress(self) -> float:
-        per = self.recipe.steps_per_epoch()
+        per = self.data.steps_per_epoch()
         return self.state.epoch + (self.state.steps_in_epoch / per if per else 0.0)
 
     def _set_lr(self, scale: float) -> tuple[float, float]:
         """Set the step's learning rate: the schedule's, times the step's own scale (e.g. AWD-LSTM's BPTT rescale).
         Returns (scheduled, applied) as ``optim.lr`` sees them."""
-        factor = self.recipe.lr_factor(self.state.step)
+        factor = self._lr_factor(self.state.step)
         for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor * scale
         return self.cfg.optim.lr * factor, self.cfg.optim.lr * factor * scale
@@ -318,15 +215,14 @@ class Trainer:
         metrics = self.recipe.train_metrics({k: v / n for k, v in sums.items()}) if n else {}
         rate = {f"{self.recipe.unit}_per_s": units / elapsed}
         s = self.state
-        averaging = self.averager.scalars() if self.averager is not None else {}
-        extra = {**rate, **{k.replace("/", "_"): v for k, v in averaging.items()}}
+        scalars = self.callbacks.scalars()
+        extra = {**rate, **{k.replace("/", "_"): v for k, v in scalars.items()}}
         if s.skipped_steps:
             extra["skipped_steps"] = s.skipped_steps
-        if self.averager is not None and self.averager.start_step is not None:
-            extra["asgd_start_step"] = self.averager.start_step
+        extra.update(self.callbacks.record_fields())
         extra["lr_applied"] = lr[1]
         self.monitor.record("train", s.step, self._epoch_progress(), {**metrics, "lr": lr[0]}, extra)
-        self.monitor.scalars(s.step, {**{f"perf/{k}": v for k, v in rate.items()}, **averaging})
+        self.monitor.scalars(s.step, {**{f"perf/{k}": v for k, v in rate.items()}, **scalars})
         self.monitor.console(f"step {s.step} epoch {self._epoch_progress():.2f}", {**metrics, "lr": lr[0], **rate})
         if self._bar is not None:
             self._bar.set_postfix({k: _short(v) for k, v in {**metrics, **rate}.items()})
@@ -336,18 +232,16 @@ class Trainer:
         the ranks agreed on before the update (a non-finite loss anywhere vetoes it, a signal anywhere preempts)."""
         recipe, engine, s = self.recipe, self.engine, self.state
         lr = self._set_lr(ts.lr_scale)
-        self.monitor.scalars(s.step + 1, recipe.before_step(engine, s.step, self._epoch_progress()))
-        if self.faults:
-            self.faults.signal_self(s.step + 1)
-            self.faults.raise_error(s.step + 1)
+        step = recipe.begin_step(engine.module, s.step, self._epoch_progress(), self.data)
+        self.monitor.scalars(s.step + 1, step.scalars)
+        self.callbacks.before_step(s.step + 1)
         finite = torch.ones((), dtype=torch.bool, device=self.ctx.device)
         step_metrics: dict = {}  # per-micro means, weighted by their sizes
         step_weight = 0.0
         last = len(ts.micro_batches) - 1
         for k, micro in enumerate(ts.micro_batches):
-            out = recipe.micro_loss(engine, micro)
-            loss = self.plan.weighted_loss(out)
-            loss = self.faults.corrupt_loss(loss, s.step + 1) if self.faults else loss
+            out = recipe.loss(engine.module, micro, step)  # on the module: DeepSpeed runs the backward and step
+            loss = self.callbacks.on_loss(self.plan.weighted_loss(out), s.step + 1)
             finite &= torch.isfinite(loss.detach()).all()
             weight = 1.0 if out.size is None else float(out.size)
             engine.backward(loss)
@@ -363,7 +257,6 @@ class Trainer:
         window["_units"] += ts.units
         s.step += 1
         s.steps_in_epoch += 1
-        s.position = ts.position
         if verdict.vetoed:
             self._skip_nonfinite(verdict)
         else:
@@ -371,8 +264,7 @@ class Trainer:
             for name, v in step_metrics.items():
                 window[name] = window.get(name, 0.0) + v
             window["_weight"] += step_weight
-            if self.averager is not None:
-                self.averager.after_step(s.step)
+        self.callbacks.after_step(s.step, applied=not verdict.vetoed)
         return lr, verdict
 
     def _skip_nonfinite(self, verdict: StepVerdict) -> None:
@@ -426,7 +318,7 @@ class Trainer:
         lr = (self.cfg.optim.lr, self.cfg.optim.lr)
         while not self._done() and s.epoch < cfg.epochs:
             self._open_bar()
-            for ts in self.recipe.train_steps(s.epoch, s.position):
+            for ts in self.data.steps(s.epoch):
                 window = window or {"_t0": time.perf_counter(), "_weight": 0.0, "_units": 0.0}
                 lr, verdict = self._step(ts, window)
                 if self._bar is not None:
@@ -439,8 +331,7 @@ class Trainer:
                     self._validate()
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self.save()
-                if self.analysis is not None and self.analysis.due(s.step):
-                    self._analyse()
+                self.callbacks.on_step_end(s.step)
                 if window:  # throughput counts training time only
                     window["_t0"] += time.perf_counter() - paused
                 if verdict.preempt:
@@ -451,7 +342,6 @@ class Trainer:
             else:
                 s.epoch += 1
                 s.steps_in_epoch = 0
-                s.position = None
                 if not cfg.eval_every:
                     self._validate()
                 if not cfg.checkpoint_every:
@@ -486,7 +376,7 @@ class Trainer:
         if self.ctx.is_main and self.cfg.train.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.recipe.steps_per_epoch(), initial=self.state.steps_in_epoch,
+            self._bar = tqdm(total=self.data.steps_per_epoch(), initial=self.state.steps_in_epoch,
                              desc=f"epoch {self.state.epoch + 1}", unit="step", dynamic_ncols=True, leave=False)
 
     def _close_bar(self) -> None:

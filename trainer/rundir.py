@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+from .run_lock import RunLock
 
 if TYPE_CHECKING:  # torch is imported by a run's ranks, not by the argument and config checks before them
     from .distributed import DistContext
@@ -33,6 +34,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    def lock(self) -> RunLock:
+        """This job's hold on the directory (created if missing), refused in one line while another job holds it."""
+        return RunLock.acquire(self.path)
 
     def has_checkpoint(self) -> bool:
         from .checkpoint.layout import has_checkpoints

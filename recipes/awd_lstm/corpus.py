@@ -13,7 +13,7 @@ from torch import Tensor
 
 from trainer.datasets import DatasetSpec, Source
 from trainer.errors import DataError
-from trainer.recipe import even_shares
+from trainer.batching import even_shares
 
 SPLITS = ('train', 'valid', 'test')
 EOS = '<eos>'

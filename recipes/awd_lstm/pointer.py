@@ -13,7 +13,6 @@ where the retained history plus the offset in the chunk exceeds the window.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .corpus import get_batch
 from .model import AWDLSTM

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -21,17 +22,86 @@ from torch import nn
 
 from trainer.distributed import all_reduce_sums
 from trainer.errors import ConfigError, DataError
-from trainer.recipe import MicroResult, Recipe, TrainStep
-from .drop_sites import DropSites, prepare_drop_path
+from trainer.recipe import BatchPlan, MicroResult, Recipe, StepContext, TrainData, TrainStep
 
 from .compile import compile_model
 from .config import ImageDataConfig, ImageNetConfig
+from .drop_sites import DropSites, prepare_drop_path
 from .data.loading import eval_loader, train_loader
 from .data.splits import open_split
 from .data.synthetic import SyntheticSplit
 from .data.transforms import DeviceNormalize, build_erasing, build_transforms
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageMicroBatch:
+    images: torch.Tensor  # normalized (and, for training, randomly erased) on the device
+    labels: torch.Tensor
+
+
+class ImageStream(TrainData):
+    """This rank's share of each step's images, in the epoch's seeded order; uint8 from the loader's workers,
+    normalized and randomly erased on the device (mixup follows in the loss)."""
+
+    def __init__(self, plan: BatchPlan, loader, normalize: DeviceNormalize, erasing, channels_last: bool,
+                 device: torch.device, sharded: bool):
+        super().__init__(plan)
+        self.loader, self.normalize, self.erasing, self.sharded = loader, normalize, erasing, sharded
+        self.channels_last, self.device = channels_last and device.type == "cuda", device
+        self.position: int | None = None  # steps of the epoch taken; None: its start
+
+    def steps_per_epoch(self) -> int:
+        return self.loader.steps_per_epoch
+
+    def steps(self, epoch: int) -> Iterator[TrainStep]:
+        start = self.position or 0
+        self.loader.set_epoch(epoch, start)
+        plan, dev = self.plan, self.device
+        for i, (images, labels, _) in enumerate(self.loader, start + 1):
+            images = self.normalize(images.to(dev, non_blocking=True))
+            if self.erasing is not None:  # on normalized values, as timm's; mixup follows in the loss
+                images = self.erasing(images)
+            labels = labels.to(dev, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            n = images.size(0)
+            if n < plan.per_rank:  # unreadable images were skipped: spread what is left over the micro-batches
+                log.debug("batch %d has %d of %d images", i, n, plan.per_rank)
+            bounds = [round(k * n / plan.accumulation) for k in range(plan.accumulation + 1)]
+            micro = [ImageMicroBatch(images[a:b], labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+            self.position = i
+            yield TrainStep(micro, units=n, position=i)
+        self.position = None
+
+    def report(self) -> dict[str, float]:
+        """The unreadable training images so far (summed over ranks with each validation)."""
+        return {"skipped_train_images": float(self.loader.skipped)}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state.get("position")
+
+    def rank_state_dict(self) -> dict:
+        """This rank's unreadable training images so far, so the logged total goes on across a resume."""
+        return {"skipped_train_images": self.loader.skipped}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.loader.skipped = state.get("skipped_train_images", 0)
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Rank 0 carries the old ranks' skipped-image total (only the sum is logged). A folder position means
+        the same images on any world size (every step reads the same slice of the epoch's permutation);
+        WebDataset shards are dealt to the ranks instead."""
+        total = sum(s.get("skipped_train_images", 0) for s in states)
+        self.load_rank_state_dict({"skipped_train_images": total if self.plan.rank == 0 else 0})
+        if self.sharded:
+            log.warning("data.format wds: shards are dealt to ranks, so on %d ranks instead of %d the rest of "
+                        "this epoch reads another share of its samples (some may repeat or be missed until the "
+                        "epoch ends)", self.plan.world, len(states))
 
 
 class ImageNetRecipe(Recipe):
@@ -60,21 +130,26 @@ class ImageNetRecipe(Recipe):
         eval_global = d.eval_batch_size or max(1, int(1.5 * d.batch_size))
         self.val_loader = eval_loader(self.val_set, self.ctx, max(1, eval_global // self.ctx.world),
                                       workers=workers)
-        if self.plan is None:  # evaluation only
-            return
-        train_set = self._open("train")
-        self.loader = train_loader(train_set, self.ctx, self.plan.per_rank, workers=workers, seed=self.cfg.seed)
-        steps, epochs = self.loader.steps_per_epoch, self.cfg.train.epochs
+
+    def train_data(self, plan: BatchPlan) -> ImageStream:
+        """The training stream, and what training adds around it: the per-step schedules (over its epoch length),
+        mixup / cutmix and the loss."""
+        d = self.cfg.data
+        loader = train_loader(self._open("train"), self.ctx, plan.per_rank, workers=None if d.workers < 0 else
+                              d.workers, seed=self.cfg.seed)
+        stream = ImageStream(plan, loader, self.normalize, build_erasing(d.reprob, self.ctx.device),
+                             self.cfg.model.channels_last, self.ctx.device, sharded=d.format == "wds")
+        steps, epochs = stream.steps_per_epoch(), self.cfg.train.epochs
         self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
         self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
         self.mixup = build_mixup(self.cfg.data, self.num_classes)
-        self.erasing = build_erasing(d.reprob, self.ctx.device)
         self._sites: DropSites | None = None  # the live model's dropout and drop-path modules, found once
         self._applied: tuple[float, float] | None = None  # the scheduled rates last set on the model
         self._carried: dict[str, float] = {}  # and what the model reported carrying then
         self.criterion = self._build_criterion()
         log.info("dropout: %s; stochastic depth: %s", self.dropout_schedule.describe(),
                  self.drop_path_schedule.describe())
+        return stream
 
     def _open(self, split: str):
         d = self.cfg.data
@@ -117,7 +192,11 @@ class ImageNetRecipe(Recipe):
                  sum(p.numel() for p in model.parameters()) / 1e6, blocks, size)
         if m.channels_last and self.ctx.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        if self.cfg.train.compile and self.plan is not None:  # training (launch/evaluate.py runs eagerly)
+        return model
+
+    def for_training(self, model: nn.Module, data: ImageStream) -> nn.Module:
+        """``train.compile``: compiled around the modules the schedules change (launch/evaluate.py runs eagerly)."""
+        if self.cfg.train.compile:
             eager = compile_model(model, self.dropout_schedule, self.drop_path_schedule)
             log.info("torch.compile: the model, around %d modules left eager for the per-step schedules", len(eager))
         return model
@@ -132,11 +211,11 @@ class ImageNetRecipe(Recipe):
         # weight decay skips biases, norms and the tokens / position embeddings timm names in no_weight_decay()
         return create_optimizer_v2(model, opt=o.optimizer, lr=o.lr, weight_decay=o.weight_decay, **extra)
 
-    def lr_factor(self, step: int) -> float:
+    def lr_factor(self, step: int, data: ImageStream) -> float:
         """Linear warm-up from 0, then cosine to ``min_lr``, per step; ``optim.lr`` scaled by batch/lr_batch."""
         o = self.cfg.optim
-        peak = o.lr * self.plan.global_batch / o.lr_batch
-        per_epoch = self.steps_per_epoch()
+        peak = o.lr * data.plan.global_batch / o.lr_batch
+        per_epoch = data.steps_per_epoch()
         warm = int(o.warmup_epochs * per_epoch)
         total = self.cfg.train.epochs * per_epoch
         if step < warm:
@@ -147,43 +226,22 @@ class ImageNetRecipe(Recipe):
         return lr / o.lr
 
     # ------------------------------------------------------------------ training
-    def steps_per_epoch(self) -> int:
-        return self.loader.steps_per_epoch
-
-    def train_steps(self, epoch: int, position: int | None) -> Iterator[TrainStep]:
-        start = position or 0
-        self.loader.set_epoch(epoch, start)
-        plan, dev = self.plan, self.ctx.device
-        for i, (images, labels, _) in enumerate(self.loader, start + 1):
-            images = self.normalize(images.to(dev, non_blocking=True))
-            if self.erasing is not None:  # on normalized values, as timm's; mixup follows in micro_loss
-                images = self.erasing(images)
-            labels = labels.to(dev, non_blocking=True)
-            if self.cfg.model.channels_last and dev.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            n = images.size(0)
-            if n < plan.per_rank:  # unreadable images were skipped: spread what is left over the micro-batches
-                log.debug("batch %d has %d of %d images", i, n, plan.per_rank)
-            bounds = [round(k * n / plan.accumulation) for k in range(plan.accumulation + 1)]
-            micro = [(images[a:b], labels[a:b]) for a, b in zip(bounds, bounds[1:])]
-            yield TrainStep(micro, units=n, position=i)
-
-    def micro_loss(self, engine, micro) -> MicroResult:
+    def loss(self, model: nn.Module, micro: ImageMicroBatch, step: StepContext | None) -> MicroResult:
         from timm.loss import SoftTargetCrossEntropy
 
-        images, labels = micro
+        images, labels = micro.images, micro.labels
         mixed = self.mixup is not None and images.size(0) >= 2
         if mixed:
             if images.size(0) % 2:  # timm's batch mixup pairs images: drop one from an odd batch
                 images, labels = images[:-1], labels[:-1]
             images, targets = self.mixup(images, labels)  # soft targets, label smoothing included
-        logits = engine(images.to(_param_dtype(engine.module))).float()
+        logits = model(images.to(_param_dtype(model))).float()
         if images.size(0) == 0:  # every image unreadable: a zero loss still joins the gradient all-reduce
             return MicroResult(logits.sum() * 0.0, {"loss": torch.zeros((), device=logits.device)})
         loss = SoftTargetCrossEntropy()(logits, targets) if mixed else self.criterion(logits, labels)
         return MicroResult(loss, {"loss": loss.detach()})
 
-    def before_step(self, engine, step: int, epoch: float) -> dict[str, float]:
+    def begin_step(self, model: nn.Module, step: int, epoch: float, data: ImageStream) -> StepContext:
         """Set this step's scheduled rates on the live model; report the rates it now carries and, every
         ``train.log_every`` steps (beside the engine's ``perf/samples_per_s``), the loader's rate.
 
@@ -195,7 +253,7 @@ class ImageNetRecipe(Recipe):
         wanted = (self.dropout_schedule.value(step), self.drop_path_schedule.value(step))
         if wanted != self._applied:
             if self._sites is None:
-                self._sites = DropSites.of(engine.module)
+                self._sites = DropSites.of(model)
             self._sites.set_dropout(wanted[0])
             self._sites.set_drop_path(wanted[1])
             dropouts = set(self._sites.dropout_rates().values())
@@ -207,14 +265,14 @@ class ImageNetRecipe(Recipe):
             self._applied = wanted
         out = dict(self._carried)
         if (step + 1) % self.cfg.train.log_every == 0:
-            out.update(self._loader_rate())
-        return out
+            out.update(self._loader_rate(data))
+        return StepContext(step, epoch, scalars=out)
 
-    def _loader_rate(self) -> dict[str, float]:
+    def _loader_rate(self, data: ImageStream) -> dict[str, float]:
         """``perf/loader_samples_per_s``: images delivered per second the training loop waited on its loader,
         summed over ranks like ``perf/samples_per_s`` (every rank calls this at the same steps). Far above the
         training rate, the input pipeline keeps up; near it, training is waiting on data."""
-        rate = self.loader.take_rate()
+        rate = data.loader.take_rate()
         total = all_reduce_sums({"rate": rate or 0.0}, self.ctx)["rate"]
         return {} if rate is None else {"perf/loader_samples_per_s": total}
 
@@ -240,11 +298,8 @@ class ImageNetRecipe(Recipe):
             sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                                  hits[:, :1].sum().double(), hits.sum().double()])
         loss, top1, top5 = sums.tolist()
-        out = {"loss_sum": loss, "top1_hits": top1, "top5_hits": top5, "images": float(n),
-               "skipped_val_images": float(self.val_loader.skipped - skipped_before)}
-        if self.plan is not None:  # training: report the unreadable training images so far, summed over ranks
-            out["skipped_train_images"] = float(self.loader.skipped)
-        return out
+        return {"loss_sum": loss, "top1_hits": top1, "top5_hits": top5, "images": float(n),
+                "skipped_val_images": float(self.val_loader.skipped - skipped_before)}
 
     def finalize_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = sums.pop("images")
@@ -255,24 +310,6 @@ class ImageNetRecipe(Recipe):
         return {**out, **sums}
 
     # ------------------------------------------------------------------ checkpoints
-    def rank_state_dict(self) -> dict:
-        """This rank's unreadable training images so far, so the logged total goes on across a resume."""
-        return {"skipped_train_images": self.loader.skipped}
-
-    def load_rank_state_dict(self, state: dict) -> None:
-        self.loader.skipped = state.get("skipped_train_images", 0)
-
-    def load_rank_states(self, states: list[dict]) -> None:
-        """Rank 0 carries the old ranks' skipped-image total (only the sum is logged). A folder position means
-        the same images on any world size (every step reads the same slice of the epoch's permutation);
-        WebDataset shards are dealt to the ranks instead."""
-        total = sum(s.get("skipped_train_images", 0) for s in states)
-        self.load_rank_state_dict({"skipped_train_images": total if self.ctx.is_main else 0})
-        if self.cfg.data.format == "wds":
-            log.warning("data.format wds: shards are dealt to ranks, so on %d ranks instead of %d the rest of "
-                        "this epoch reads another share of its samples (some may repeat or be missed until the "
-                        "epoch ends)", self.ctx.world, len(states))
-
     def checkpoint_signature(self) -> dict:
         m = self.cfg.model
         return {"model": f"{m.name}, {self.num_classes} classes, {self.cfg.data.image_size} px"}

@@ -1,6 +1,6 @@
-"""The engine's one door to checkpoints: ``save`` gathers what a checkpoint holds (client, per-rank and averaged
-state) and ``restore`` puts it all back, on the world size that wrote it or another. File names, the save
-protocol and ZeRO's partitions are layout's, writing's and elastic's; it imports no recipe."""
+"""The engine's one door to checkpoints: ``save`` gathers what a checkpoint holds (client, per-rank and the loop
+callbacks' state) and ``restore`` puts it all back, on the world size that wrote it or another. File names, the
+save protocol and ZeRO's partitions are layout's, writing's and elastic's; it imports no recipe and no feature."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from ..errors import CheckpointError
 from ..precision import fp32_state, uses_masters
 from ..rng import capture_rng, restore_rng
 from .elastic import load_rank_state, load_repartitioned_optimizer, partitions_optimizer, saved_world
-from .layout import AVERAGE_FILE, BEST, FP32_WEIGHTS, rank_file
-from .tags import choose_resume_tag, read_average_state
+from .layout import BEST, FP32_WEIGHTS, callback_file, rank_file
+from .tags import choose_resume_tag, read_callback_states
 from .writing import recover_interrupted, write
 
 if TYPE_CHECKING:
-    from ..nt_asgd import NTASGD
-    from ..recipe import Recipe
+    from ..callbacks import Callbacks
+    from ..recipe import TrainData
 
 log = logging.getLogger("trainer")
 
@@ -56,9 +56,10 @@ class Checkpointer:
     """DeepSpeed checkpoints plus what DeepSpeed does not keep: every rank's private state.
 
     DeepSpeed saves the module, optimizer and scheduler, and the client state once (rank 0): the loop's state,
-    the recipe's and its signature. Exact resume also needs each rank's RNG streams and recipe state (e.g. a
-    carried LSTM hidden state); those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files. The NT-ASGD
-    average is saved whole (``averaged.pt``), so it loads on any world size. Under bf16 DeepSpeed's module file
+    the training stream's and the recipe's signature. Exact resume also needs each rank's RNG streams and stream
+    state (e.g. a carried LSTM hidden state); those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files. Each
+    loop callback's state is saved whole (``callback_<name>.pt``, e.g. NT-ASGD's average), so it loads on any
+    world size. Under bf16 DeepSpeed's module file
     holds the bf16 copies and the fp32 masters are cut into its optimizer files; ``fp32_weights.pt`` keeps them
     whole, by name, for what reads a checkpoint's weights without an engine (``train.init_from``, evaluate.py).
     """
@@ -69,35 +70,37 @@ class Checkpointer:
         self.ctx = ctx
         self.keep_last = keep_last
 
-    def save(self, tag: str, trainer_state: dict, recipe: Recipe, averager: NTASGD | None = None) -> Path:
-        """Checkpoint ``tag`` of the loop (``trainer_state``), the recipe and the averager, written atomically.
-        ``best`` holds the averaged weights themselves, keeps no average file and does not become ``latest``."""
+    def save(self, tag: str, trainer_state: dict, data: TrainData, callbacks: Callbacks, signature: dict) -> Path:
+        """Checkpoint ``tag`` of the loop (``trainer_state``), the training stream and the callbacks, written
+        atomically. ``best`` holds the weights evaluation saw (an average swapped in), keeps no callback state and
+        does not become ``latest``."""
         best = tag == BEST
         shared = {}
-        if not best and averager is not None:
-            shared[AVERAGE_FILE] = averager.state_dict()
+        if not best:
+            for name, state in callbacks.states().items():  # may be collectives: every rank asks
+                shared[callback_file(name)] = state
         if uses_masters(list(self.engine.module.parameters())):
             shared[FP32_WEIGHTS] = fp32_state(self.engine.module)  # a collective: every rank saves
         client_state = {
             "trainer": trainer_state,
-            "recipe": recipe.state_dict(),
-            "signature": recipe.checkpoint_signature(),
+            "recipe": data.state_dict(),  # the recipe's training stream
+            "signature": signature,
         }
         rank_state = {
             "rng": capture_rng(),
-            "recipe": recipe.rank_state_dict(),
+            "recipe": data.rank_state_dict(),
             "param_digest": param_digest(self.engine.module),
             "rank": self.ctx.rank,
             "world": self.ctx.world,
         }
         return write(self.engine, self.dir, self.ctx, tag, client_state, rank_state, shared,
-                     save_latest=not best, keep_last=self.keep_last)
+                     save_latest=not best, keep_last=self.keep_last, on_staged=callbacks.on_staged)
 
-    def restore(self, tag: str, recipe: Recipe, averager: NTASGD | None, global_batch: int) -> dict:
+    def restore(self, tag: str, data: TrainData, callbacks: Callbacks, global_batch: int) -> dict:
         """Continue from ``tag``, on the world size it was written by or on another (elastic resume): the global
         batch is the same, so the data position means the same samples; ZeRO's partitioned optimizer state is
-        re-cut for this world and the recipe re-splits its per-rank state. Loads the engine, the recipe, the
-        averager and this rank's RNG streams; returns the loop's saved state (``trainer_state`` of :meth:`save`)."""
+        re-cut for this world and the training stream re-splits its per-rank state. Loads the engine, the stream,
+        the callbacks and this rank's RNG streams; returns the loop's saved state (``trainer_state`` of :meth:`save`)."""
         tag_dir = self.dir / tag
         written_by = saved_world(tag_dir, self.ctx.world)
         elastic = written_by != self.ctx.world
@@ -108,18 +111,15 @@ class Checkpointer:
         else:
             client, own = self.load(tag)
         trainer_state = client["trainer"]
-        recipe.load_state_dict(client.get("recipe", {}))
-        if averager is not None:
-            saved = read_average_state(self.dir, tag)
-            if saved is not None:
-                averager.load_state_dict(saved)
+        data.load_state_dict(client.get("recipe", {}))
+        callbacks.load_states(read_callback_states(self.dir, tag))
         if elastic:
-            recipe.load_rank_states([load_rank_state(tag_dir, r)["recipe"] for r in range(written_by)])
+            data.load_rank_states([load_rank_state(tag_dir, r)["recipe"] for r in range(written_by)])
             log.info("checkpoint %s was written by %d rank(s) and continues on %d (global batch %d unchanged); "
                      "per-rank RNG streams start fresh", tag, written_by, self.ctx.world, global_batch)
         elif own is not None:
             restore_rng(own["rng"])
-            recipe.load_rank_state_dict(own["recipe"])
+            data.load_rank_state_dict(own["recipe"])
         else:
             log.warning("checkpoint %s has no per-rank state; per-rank RNG and state start fresh", tag)
         return trainer_state

@@ -13,12 +13,19 @@ REPLACED = ".old"  # the previous copy of a tag being replaced, until the new on
 MANIFEST = "manifest.json"
 STEP_TAG = re.compile(r"^step_(\d+)$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
-AVERAGE_FILE = "averaged.pt"  # the NT-ASGD state: whole average, independent of the world size
 FP32_WEIGHTS = "fp32_weights.pt"  # bf16 runs: the parameters' fp32 masters, by name (the module file has bf16)
 
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def callback_file(name: str) -> str:
+    """A loop callback's state (e.g. NT-ASGD's whole average), saved once, independent of the world size."""
+    return f"callback_{name}.pt"
+
+
+CALLBACK_FILE = re.compile(r"^callback_(.+)\.pt$")
 
 
 def rank_file(tag_dir: Path, rank: int) -> Path:

@@ -1,6 +1,6 @@
 """Choosing a tag (``latest``, ``best``, a step; on resume the newest that verifies) and reading what it holds
-without an engine: client state, weights, the average, the signature check. It never writes, repairs or
-deletes a checkpoint."""
+without an engine: client state, weights (a callback's evaluation weights swapped in), the signature check. It
+never writes, repairs or deletes a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..nt_asgd.sharded_average import copy_flat_into
-from .layout import AVERAGE_FILE, FP32_WEIGHTS, LATEST, MODEL_STATES, read_latest_tag, step_tags
+from ..flat_params import copy_flat_into
+from .layout import CALLBACK_FILE, FP32_WEIGHTS, LATEST, MODEL_STATES, read_latest_tag, step_tags
 from .writing import verify
 
 log = logging.getLogger("trainer")
@@ -63,7 +63,7 @@ def read_client_state(ckpt_dir: Path, tag: str) -> dict:
 def load_weights(module: torch.nn.Module, ckpt_dir: Path, tag: str) -> None:
     """The weights a checkpoint stands for, into a bare module (before DeepSpeed wraps it, so any ZeRO
     stage starts from them): its saved module, with the fp32 masters over its bf16 copies when a bf16 run wrote
-    it, and the iterate average swapped in when it kept one."""
+    it, and a callback's ``eval_weights`` swapped in when one kept them (NT-ASGD's average)."""
     module.load_state_dict(_load_file(ckpt_dir / tag / MODEL_STATES)["module"])
     fp32 = ckpt_dir / tag / FP32_WEIGHTS
     if fp32.is_file():  # by parameter, after the module: a tied weight's second name must not bring bf16 back
@@ -71,14 +71,16 @@ def load_weights(module: torch.nn.Module, ckpt_dir: Path, tag: str) -> None:
         with torch.no_grad():
             for name, value in _load_file(fp32).items():
                 params[name].copy_(value)
-    average = read_average_state(ckpt_dir, tag)
-    if average is not None and average.get("average") is not None:
-        copy_flat_into(module, average["average"])
+    for state in read_callback_states(ckpt_dir, tag).values():
+        if state.get("eval_weights") is not None:
+            copy_flat_into(module, state["eval_weights"])
 
 
-def read_average_state(ckpt_dir: Path, tag: str) -> dict | None:
-    path = ckpt_dir / tag / AVERAGE_FILE
-    return _load_file(path) if path.is_file() else None
+def read_callback_states(ckpt_dir: Path, tag: str) -> dict[str, dict]:
+    """Every loop callback's saved state in ``tag``, by the callback's name."""
+    tag_dir = ckpt_dir / tag
+    names = sorted(p.name for p in tag_dir.iterdir() if CALLBACK_FILE.match(p.name)) if tag_dir.is_dir() else []
+    return {CALLBACK_FILE.match(n)[1]: _load_file(tag_dir / n) for n in names}
 
 
 def check_signature(mine: dict, saved: dict, tag: str) -> None:

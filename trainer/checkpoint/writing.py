@@ -11,20 +11,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..distributed import DistContext, barrier, gather_to_main
 from ..errors import CheckpointError
-from ..faults.inject import ENV, FaultPlan
-from .layout import (LATEST, MANIFEST, MODEL_STATES, PARTIAL, REPLACED, STEP_TAG, rank_file, read_latest_tag,
-                     step_tags, writer_of)
+from .layout import LATEST, MANIFEST, MODEL_STATES, PARTIAL, REPLACED, rank_file, read_latest_tag, step_tags, writer_of
 
 log = logging.getLogger("trainer")
 
 
 def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict, rank_state: dict,
-          shared: dict[str, dict], save_latest: bool, keep_last: int) -> Path:
+          shared: dict[str, dict], save_latest: bool, keep_last: int,
+          on_staged: Callable[[str], None] | None = None) -> Path:
     """Write checkpoint ``tag`` on every rank: DeepSpeed's files, this rank's ``rank_state`` and the ``shared``
     files (name -> object, the same on every rank, written once by rank 0).
 
@@ -55,7 +55,8 @@ def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict
         if "write" in str(e).lower():
             raise OSError(errno.EIO, str(e).splitlines()[0], str(staging)) from e
         raise
-    _injected_kill(tag, ctx.rank)
+    if on_staged is not None:  # every file of this rank written, nothing published (fault injection kills here)
+        on_staged(tag)
     per_rank = gather_to_main(own_entries(staging, ctx.rank), ctx)  # every rank's files are complete
     if ctx.is_main:
         write_manifest(staging, per_rank)
@@ -65,13 +66,6 @@ def write(engine, ckpt_dir: Path, ctx: DistContext, tag: str, client_state: dict
             _prune(ckpt_dir, keep_last)
     barrier(ctx)
     return ckpt_dir / tag
-
-
-def _injected_kill(tag: str, rank: int) -> None:
-    """``TRAINER_FAULTS=sigkill_save@N:R`` (tests): rank R dies here, step N's files staged, none published."""
-    m = STEP_TAG.match(tag)
-    if m and os.environ.get(ENV):
-        FaultPlan.from_env(rank).kill_in_save(int(m[1]))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

@@ -20,6 +20,10 @@ import re
 import signal
 from dataclasses import dataclass
 
+from ..callbacks import Callback
+from ..checkpoint.layout import STEP_TAG
+from ..config import RecipeConfig
+from ..distributed import DistContext
 from ..errors import ConfigError
 
 ENV = "TRAINER_FAULTS"
@@ -95,6 +99,36 @@ class FaultPlan:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2})
         while True:
             held.sleep(3600)
+
+
+class FaultInjection(Callback):
+    """The plan's faults at the loop's points: before a step (signals, errors), on its loss (nan / inf) and in
+    the save protocol, between a checkpoint's files being written and its publication (``sigkill_save``)."""
+
+    def __init__(self, plan: FaultPlan):
+        self.plan = plan
+
+    @classmethod
+    def from_env(cls, cfg: RecipeConfig, ctx: DistContext) -> FaultInjection | None:
+        """None unless ``TRAINER_FAULTS`` names faults for this rank; a start-up error fires here, as the run's
+        first act, before anything is built."""
+        plan = FaultPlan.from_env(ctx.rank)
+        if not plan:
+            return None
+        plan.raise_error(0)
+        return cls(plan)
+
+    def before_step(self, step: int) -> None:
+        self.plan.signal_self(step)
+        self.plan.raise_error(step)
+
+    def on_loss(self, loss, step: int):
+        return self.plan.corrupt_loss(loss, step)
+
+    def on_staged(self, tag: str) -> None:
+        m = STEP_TAG.match(tag)
+        if m:
+            self.plan.kill_in_save(int(m[1]))
 
 
 class InjectedFault(RuntimeError):

@@ -1,16 +1,9 @@
-"""NT-ASGD (Merity et al. 2017), an iterate-averaging wrapper any recipe can turn on from its config."""
+"""NT-ASGD (Merity et al. 2017): plain SGD until validation stops improving, then the average of the iterates.
+``averager``: the trigger and the average; ``sharded_average``: the average cut over the data-parallel ranks;
+``config``: the keys a recipe mixes into its optimizer section; ``callback``: how it attaches to the loop."""
 
-from __future__ import annotations
-
-from torch import nn
-
-from ..distributed import DistContext
 from .averager import NTASGD, nonmono_triggered
+from .callback import NTASGDCallback
+from .config import NTASGDKeys
 
-__all__ = ["NTASGD", "build_averager", "nonmono_triggered"]
-
-
-def build_averager(cfg, module: nn.Module, ctx: DistContext) -> NTASGD | None:
-    if cfg.averaging == "nt_asgd":
-        return NTASGD(module, ctx, nonmono=cfg.nonmono, t0=cfg.t0, stop_on_trigger=cfg.stop_on_nonmono)
-    return None
+__all__ = ["NTASGD", "NTASGDCallback", "NTASGDKeys", "nonmono_triggered"]

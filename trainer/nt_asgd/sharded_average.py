@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistContext
+from ..flat_params import copy_flat_into_params
 from ..precision import master_pieces, master_values, uses_masters
 
 
@@ -116,20 +117,3 @@ class ShardedAverage:
         copy_flat_into_params(self.params, flat)
         for p, a, b, flat_at, _ in self._pieces if self.masters else ():
             self._values(p, a, b).copy_(flat[flat_at:flat_at + (b - a)])
-
-
-@torch.no_grad()
-def copy_flat_into_params(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
-def copy_flat_into(module: nn.Module, flat: torch.Tensor) -> None:
-    """Load a flat vector laid out in the module's canonical parameter order (see ShardedAverage)."""
-    params = [p for _, p in module.named_parameters()]
-    if flat.numel() != sum(p.numel() for p in params):
-        raise ValueError(f"averaged state has {flat.numel()} values, the model {sum(p.numel() for p in params)}")
-    copy_flat_into_params(params, flat)
-
