@@ -2,7 +2,7 @@
 non-zero exit, no traceback, and leave every file an earlier run wrote as it was.
 
 ``python bench/bad_inputs.py`` runs every case and prints the table of the RELIABILITY report;
-``tests/test_bad_input.py`` asserts the same cases one by one. Commands go through ``launch/`` as users
+``tests/e2e/test_bad_input.py`` asserts the same cases one by one. Commands go through ``launch/`` as users
 type them: plain ``python`` for 1 rank, the ``deepspeed`` launcher for 2.
 """
 

@@ -42,7 +42,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" DSRE
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 step versions 20 "$py" bench/gpu_check.py versions --out "$out"
-step tests 160 "$py" -m pytest -q -p no:xdist -p no:cacheprovider -rs tests/test_gpu.py
+step tests 160 "$py" -m pytest -q -p no:xdist -p no:cacheprovider -rs tests/gpu/test_gpu.py
 step syncs 60 "$py" bench/gpu_check.py syncs --out "$out"
 step awd 100 "$py" bench/gpu_check.py awd --out "$out"
 step vision 130 "$py" bench/gpu_check.py vision --out "$out"

@@ -5,7 +5,7 @@ On PTB's validation split, in one process (as ``launch/evaluate.py`` runs on 1 r
 recipe's own ``evaluate``: plain at batch 10 (what training's validation uses), plain at batch 1
 and the pointer at batch 1 with the paper's window 2000 (the paper evaluates the pointer on one
 stream). Then the batched pointer against the one-token-at-a-time loop of the reference code
-(``tests/test_pointer.py``'s oracle) on the first ``--ref-tokens`` tokens, where both must give the
+(``tests/unit/test_pointer.py``'s oracle) on the first ``--ref-tokens`` tokens, where both must give the
 same NLL. Speed does not depend on the weights, so the model is freshly initialised; the
 perplexities printed are those of an untrained model. The three evaluations run interleaved in rounds
 (reversed every other round).

@@ -1,7 +1,7 @@
 """Two DeepSpeed "nodes" on one machine, launched by hand as on a cluster without ssh: ``deepspeed --hostfile H
 --no_ssh --node_rank K`` on each. The nodes are test hosts (``tests/cluster/hosts.py``: network namespaces of their
 own, each with its address and hostname, joined by a bridge), so the ranks talk over a real link. Needs root.
-Used by ``tests/test_two_nodes.py`` and ``bench/faults.py``; ``close()`` stops what it started on the two hosts (with
+Used by ``tests/cluster/test_two_nodes.py`` and ``bench/faults.py``; ``close()`` stops what it started on the two hosts (with
 their descendants) and nothing else. ``mode`` is measured once the launchers run: "netns" if every process started
 is in its host's own network namespace and each host's name resolves to an address of that host's alone
 (``Layout.mode``)."""

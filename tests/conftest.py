@@ -174,16 +174,67 @@ def ptb_slice(tmp_path_factory):
     return root
 
 
-# The test files that run longest (many multi-process runs), longest first (as measured with `--durations=0`
-# under the README's command): with `pytest -n 3 --dist loadfile` files are handed to the workers in collection
-# order, so starting with these keeps one worker from finishing a long file alone at the end. Any file not named
-# keeps its alphabetical place after them.
-LONGEST_FIRST = ["test_run_safety.py", "test_awd_asgd_e2e.py", "test_elastic.py", "test_world_size.py", "test_bad_input.py", "test_slurm.py", "test_ssh_hosts.py",
-                 "test_awd_ptb_e2e.py", "test_exact_resume.py", "test_imagenet_e2e.py", "test_faults.py",
-                 "test_sweep.py", "test_checkpoint_integrity.py", "test_nt_asgd.py", "test_two_nodes.py",
-                 "test_awd_early_dropout.py"]
+# Which kind of test a file is follows from its folder (README, "Tests"): unit/ starts no process and no daemon,
+# e2e/ starts real training processes, cluster/ brings up hosts (sshd, Slurm) in network namespaces, gpu/ needs
+# CUDA. The folder's name is the file's marker, so `-m unit` (or `-m "not cluster"`) chooses by kind.
+KINDS = ("unit", "e2e", "cluster", "gpu")
+TESTS = Path(__file__).resolve().parent
+
+# With `pytest -n 3 --dist loadfile --no-loadscope-reorder` xdist hands the files to its workers in collection order,
+# so the files are collected longest first, by the seconds recorded in DURATIONS (per file, relative to tests/:
+# setup + call + teardown of all its tests). A file not in it is collected first, in its alphabetical place: a new
+# file may be long, and a short file started early costs the schedule little, a long one started last a lot.
+# `pytest --store-durations ...` rewrites the figures of the files that run (the others are kept).
+DURATIONS = TESTS / "durations.json"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"after the run, record each test file's total seconds in {DURATIONS.name} "
+                          "(the order the files are collected in)")
+
+
+def _file_key(path: Path) -> str:
+    return path.resolve().relative_to(TESTS).as_posix()
+
+
+def load_durations() -> dict[str, float]:
+    if not DURATIONS.is_file():
+        return {}
+    return {k: float(v) for k, v in json.loads(DURATIONS.read_text()).items() if not k.startswith("_")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+    for item in items:
+        kind = Path(_file_key(item.path)).parts[0]
+        if kind in KINDS:
+            item.add_marker(kind)
+    seconds = load_durations()
+    # stable: order within a file is kept, and so is the alphabetical order among the files not measured
+    items.sort(key=lambda item: -seconds.get(_file_key(item.path), float("inf")))
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Seconds per file, summed on the controller (xdist forwards every worker's reports to it)."""
+    path = TESTS.parent / report.nodeid.split("::")[0]
+    try:
+        key = _file_key(path)
+    except ValueError:
+        return
+    _measured[key] = _measured.get(key, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if not config.getoption("store_durations") or hasattr(config, "workerinput") or not _measured:
+        return
+    old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    notes = {k: v for k, v in old.items() if k.startswith("_")}
+    merged = {**{k: v for k, v in old.items() if not k.startswith("_")},
+              **{k: round(v, 2) for k, v in _measured.items()}}
+    ordered = dict(sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
+    DURATIONS.write_text(json.dumps({**notes, **ordered}, indent=1) + "\n")

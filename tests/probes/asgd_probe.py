@@ -1,6 +1,6 @@
 """Run under 1 or 2 ranks: NT-ASGD on a real DeepSpeed engine at ZeRO 0, 1 and 2, checked against the test's own mean.
 
-Writes one JSON file (rank 0) with what every rank saw; tests/test_nt_asgd.py asserts on it.
+Writes one JSON file (rank 0) with what every rank saw; tests/e2e/test_nt_asgd.py asserts on it.
 """
 
 import json

@@ -1,6 +1,6 @@
 """Run as one rank whose environment says LOCAL_RANK=1 in a task that sees one GPU: the device the rank chose and
 the one DeepSpeed's engine, its parameters and the current CUDA device end up on, as one JSON line.
-tests/test_gpu.py asserts on it."""
+tests/gpu/test_gpu.py asserts on it."""
 
 import json
 import sys

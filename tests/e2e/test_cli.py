@@ -1,5 +1,5 @@
 """The command line: listings, resolved configs, and missing data as one line with no traceback (the other bad
-inputs are tests/test_bad_input.py's; failed downloads, from a local server, tests/test_datasets.py's). Nothing here
+inputs are tests/e2e/test_bad_input.py's; failed downloads, from a local server, tests/unit/test_datasets.py's). Nothing here
 downloads, so it passes the same on- and offline."""
 
 import yaml

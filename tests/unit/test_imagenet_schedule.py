@@ -58,6 +58,6 @@ def test_batches_reach_the_model_normalized(recipe):
 
 
 def test_adamw_runs_torchs_multi_tensor_loop_on_cpu(recipe):
-    """One kernel per step on CUDA (fused, tests/test_gpu.py); torch's foreach loop over the tensors elsewhere."""
+    """One kernel per step on CUDA (fused, tests/gpu/test_gpu.py); torch's foreach loop over the tensors elsewhere."""
     opt = recipe.build_optimizer(recipe.build_model())
     assert type(opt).__name__ == "AdamW" and opt.defaults["foreach"] is True and not opt.defaults["fused"]

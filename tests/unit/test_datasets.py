@@ -16,7 +16,7 @@ from recipes.awd_lstm.corpus import PTB, WIKITEXT2
 from trainer.datasets import DatasetSpec, Source, ensure_dataset, resolve_dataset_dir
 from trainer.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 DEAD = 'http://127.0.0.1:9/'  # discard port: nothing listens, connection refused at once
 
 FAKE = {

@@ -28,7 +28,7 @@ def test_device_index_past_the_visible_count_is_a_one_line_error(monkeypatch, lo
 
 def test_deepspeed_is_given_the_device_the_rank_chose_not_its_local_rank():
     """deepspeed.initialize sets the device to ``args.device_rank``, else to LOCAL_RANK: a task bound to one GPU
-    with LOCAL_RANK 1 must hand it device 0 (tests/test_gpu.py checks the engine's device on a GPU)."""
+    with LOCAL_RANK 1 must hand it device 0 (tests/gpu/test_gpu.py checks the engine's device on a GPU)."""
     bound = distributed.DistContext(rank=1, world=2, local_rank=1, device=torch.device("cuda", 0))
     assert distributed.deepspeed_args(bound).device_rank == 0
     sees_all = distributed.DistContext(rank=5, world=8, local_rank=5, device=torch.device("cuda", 5))

@@ -8,7 +8,7 @@ from recipes.awd_lstm.corpus import (PTB, WIKITEXT2, BpttSampler, Corpus, Dictio
                                      eval_columns, get_batch)
 from trainer.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,6 @@
 """An AWD-LSTM run on N ranks is the single-process run: the same seed logs the same per-step training losses on 1,
 2 and 3 ranks (20 columns split 7/7/6), with 2 micro-batches, and after an elastic resume from 3 ranks to 2 (uneven
-shares re-split; tests/test_elastic.py covers 1 <-> 2 with dropout off).
+shares re-split; tests/e2e/test_elastic.py covers 1 <-> 2 with dropout off).
 
 Every dropout is on at the paper's rates, so this holds only because each step's masks are drawn for the whole global
 batch from a generator keyed by the step and each micro-batch takes its own columns of them, and because each uneven

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import check, cut, error_lines, free_port, launch, make_image_folder, metric_value
-from test_imagenet_data import CORRUPT, write_shards
+from harness.images import CORRUPT, write_shards
 from trainer.checkpoint import read_client_state
 from trainer.distributed import DistContext
 from trainer.evaluation import evaluate_split

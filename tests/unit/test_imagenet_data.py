@@ -1,6 +1,5 @@
 """The ImageNet input pipeline on tiny generated ImageFolder trees and WebDataset shards (CPU, seconds)."""
 
-import io
 import logging
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.images import CLASSES, COLOURS, CORRUPT, jpeg_bytes, picture, write_shards
 from recipes.imagenet.data import (
     BlockSampler, DeviceNormalize, SampleKey, SkipCollate, SyntheticSplit, build_erasing, build_transforms,
     count_wds_samples, cpus_per_rank, default_workers, eval_loader, open_split, train_loader,
@@ -17,8 +17,6 @@ from trainer.distributed import DistContext
 from trainer.errors import DataError
 from trainer.rng import capture_rng
 
-CLASSES = ["zebra", "apple", "mango"]  # creation order differs from sorted order on purpose
-COLOURS = {"zebra": (200, 30, 30), "apple": (30, 200, 30), "mango": (30, 30, 200)}
 N_TRAIN, N_VAL = 12, 4
 BAD = ("corrupt.JPEG", "truncated.JPEG")
 CPU = torch.device("cpu")
@@ -26,17 +24,6 @@ CPU = torch.device("cpu")
 
 def ctx(rank: int = 0, world: int = 1) -> DistContext:
     return DistContext(rank=rank, world=world, local_rank=rank, device=CPU)
-
-
-def picture(colour, seed: int) -> Image.Image:
-    noise = np.random.default_rng(seed).integers(0, 40, (40, 40, 3))
-    return Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8))
-
-
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -223,22 +210,6 @@ def test_missing_or_empty_dirs_are_one_line_errors(tree, tf, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- webdataset
-
-CORRUPT = 14  # global index of the sample whose jpg is random bytes
-
-
-def write_shards(root: Path, prefix: str, shards: int, per_shard: int, corrupt: int | None = None) -> None:
-    import webdataset as wds
-
-    for s in range(shards):
-        with wds.TarWriter(str(root / f"{prefix}-{s:06d}.tar")) as sink:
-            for k in range(per_shard):
-                idx = s * per_shard + k
-                data = (np.random.default_rng(idx).bytes(500) if idx == corrupt
-                        else jpeg_bytes(picture(COLOURS[CLASSES[idx % 3]], idx)))
-                # the label is the sample's index, so batches show exactly which samples they hold
-                sink.write({"__key__": f"s{idx:05d}", "jpg": data, "cls": idx})
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

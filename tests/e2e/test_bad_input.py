@@ -19,7 +19,7 @@ def test_bad_input(case, tmp_path, request):
 
 
 def check_case(case: Case, tmp_path, request) -> None:
-    """The case's one error line (or warning), exit status, no traceback and nothing changed (tests/test_run_safety.py
+    """The case's one error line (or warning), exit status, no traceback and nothing changed (tests/e2e/test_run_safety.py
     runs the run-directory cases through it too)."""
     shared = request.getfixturevalue("shared") if case.needs_shared else None
     outcome = run_case(case, tmp_path, shared, timeout=420)  # the port case: the other rank must not hang
