@@ -15,11 +15,11 @@ from torch import nn
 
 from conftest import free_port
 from trainer.analysis import (AnalysisConfig, GradientAnalysis, average_over_ranks, capture_batches, flat_grad,
-                              make_grad_fn, preserved_recipe_state)
+                              make_grad_fn, preserved_stream_state)
+from trainer.batching import plan_batch
 from trainer.distributed import DistContext
-from trainer.engine import plan_batch
 from trainer.errors import ConfigError
-from trainer.recipe import MicroResult, TrainStep
+from trainer.recipe import MicroResult, TrainData, TrainStep
 
 CPU = torch.device("cpu")
 ONE = DistContext(rank=0, world=1, local_rank=0, device=CPU)
@@ -47,25 +47,26 @@ class Net(nn.Module):
         return self.fc2(h)
 
 
-class TinyRecipe:
-    """Just what the engine's grad_fn needs from a recipe, plus state like a carried hidden state."""
+PLAN = plan_batch(1, 1, 0)  # the loss reports no sizes: every micro-batch weighs the same
+
+
+class TinyStream(TrainData):
+    """A training stream with state like a data-order generator and a carried hidden state."""
 
     def __init__(self, batches):
+        super().__init__(PLAN)
         self.batches = batches
-        self.plan = plan_batch(1, 1, 0)  # micro_loss reports no sizes: every micro-batch weighs the same
         self.order = np.random.Generator(np.random.PCG64(0))
         self.carried = 0
 
-    def train_steps(self, epoch, position):
+    def steps_per_epoch(self):
+        return len(self.batches)
+
+    def steps(self, epoch):
         self.carried = 0
         for b in self.batches:
             self.order.random()
             yield TrainStep(b, units=1, position=None)
-
-    def micro_loss(self, engine, micro):
-        x, y, *mask = micro
-        self.carried += 1
-        return MicroResult(F.cross_entropy(engine(x, *mask), y))
 
     def state_dict(self):
         return {"order": self.order.bit_generator.state}
@@ -78,6 +79,23 @@ class TinyRecipe:
 
     def load_rank_state_dict(self, state):
         self.carried = state["carried"]
+
+
+class TinyRecipe:
+    """Just what the analysis' grad_fn needs from a recipe: the loss (which counts its calls in the stream, as a
+    carried hidden state would change there)."""
+
+    def __init__(self, batches):
+        self.stream = TinyStream(batches)
+
+    def loss(self, model, micro, step):
+        x, y, *mask = micro
+        self.stream.carried += 1
+        return MicroResult(F.cross_entropy(model(x, *mask), y))
+
+
+def grad_fn_of(recipe: TinyRecipe, model: Net):
+    return make_grad_fn(recipe, model, PLAN)
 
 
 def make_batches(n: int, with_mask: bool, seed: int = 1) -> list[list[tuple]]:
@@ -178,7 +196,7 @@ def test_metrics_match_independent_computation(init_on_cpu):
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in analysis.initial)
     sgd_steps(model, batches)
     recipe = TinyRecipe(batches)
-    got = analysis.run(5, make_grad_fn(recipe, model), batches)
+    got = analysis.run(5, grad_fn_of(recipe, model), batches)
     want = manual_metrics(model, batches, initial)
     assert want["analysis/distance_from_init"] > 0.1
     assert 0.01 < want["analysis/grad_direction_error"] and 0.01 < want["analysis/grad_direction_variance"]
@@ -187,14 +205,14 @@ def test_metrics_match_independent_computation(init_on_cpu):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
     # TrainStep objects work as well as lists, and the same step gives the same numbers
     steps = [TrainStep(b, units=1, position=None) for b in batches]
-    assert analysis.run(5, make_grad_fn(recipe, model), steps) == pytest.approx(got, rel=1e-6)
+    assert analysis.run(5, grad_fn_of(recipe, model), steps) == pytest.approx(got, rel=1e-6)
 
 
 def test_eval_reference_has_dropout_off_and_train_batches_use_it():
     batches = make_batches(S, with_mask=False)
     model = make_model(p=0.5)
     analysis = GradientAnalysis(config(), model, ONE)
-    inner = make_grad_fn(TinyRecipe(batches), model)
+    inner = grad_fn_of(TinyRecipe(batches), model)
     calls = []
 
     def recording(micro, train_mode):
@@ -233,7 +251,7 @@ def test_training_state_is_not_disturbed():
     probed.fc2.eval()  # a module deliberately left in eval mode keeps its flag
     plain.fc2.eval()
     analysis = GradientAnalysis(config(), probed, ONE)
-    grad_fn = make_grad_fn(TinyRecipe(batches), probed)
+    grad_fn = grad_fn_of(TinyRecipe(batches), probed)
     runs = []
     for model in (plain, probed):
         torch.manual_seed(123)
@@ -264,23 +282,24 @@ def test_training_state_is_not_disturbed():
     assert torch.equal(r_a, r_b)
 
 
-def test_capture_batches_leaves_recipe_and_rng_alone():
+def test_capture_batches_leaves_stream_and_rng_alone():
     batches = make_batches(S, with_mask=False)
     recipe = TinyRecipe(batches)
-    recipe.carried = 9
-    before = recipe.state_dict()["order"]
+    stream = recipe.stream
+    stream.carried = 9
+    before = stream.state_dict()["order"]
     torch.manual_seed(5)
     rng = torch.get_rng_state()
-    got = capture_batches(recipe, 3)
+    got = capture_batches(stream, 3)
     assert len(got) == 3 and all(torch.equal(a[0][0], b[0][0]) for a, b in zip(got, batches))
-    assert recipe.carried == 9 and recipe.state_dict()["order"] == before
+    assert stream.carried == 9 and stream.state_dict()["order"] == before
     assert torch.equal(torch.get_rng_state(), rng)
     with pytest.raises(ConfigError, match="needs 9 training steps"):
-        capture_batches(recipe, 9)
-    with preserved_recipe_state(recipe):
-        recipe.micro_loss(make_model(), batches[0][0])
-        assert recipe.carried == 10
-    assert recipe.carried == 9
+        capture_batches(stream, 9)
+    with preserved_stream_state(stream):
+        recipe.loss(make_model(), batches[0][0], None)
+        assert stream.carried == 10
+    assert stream.carried == 9
 
 
 # ------------------------------------------------------------------ two ranks
@@ -301,7 +320,7 @@ def _analyse(batches, ctx):
     model = make_model()
     analysis = GradientAnalysis(config(), model, ctx)
     _perturb(model)
-    grad_fn = make_grad_fn(TinyRecipe(batches), model)
+    grad_fn = grad_fn_of(TinyRecipe(batches), model)
     metrics = analysis.run(5, grad_fn, batches)
     return metrics, [analysis.minibatch_grad(grad_fn, b, train_mode=True) for b in batches[:2]]
 

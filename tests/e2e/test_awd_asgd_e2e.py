@@ -7,6 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SHARED_DATA, check, error_lines, launch, metric_value
+from trainer.checkpoint import callback_file
 
 TINY = ["data.root=" + str(SHARED_DATA), "model.emsize=50", "model.nhid=60", "data.bptt=20",
         "train.test_at_end=false", "train.progress=false"]
@@ -36,8 +37,8 @@ def test_averaging_starts_at_t0_and_is_logged(averaged_run):
     acc.Reload()
     assert [e.value for e in acc.Scalars("asgd/averaging")] == [0.0, 1.0, 1.0, 1.0]
     assert [e.value for e in acc.Scalars("asgd/averaged_steps")] == [0.0, 6.0, 16.0, 26.0]
-    assert (averaged_run / "checkpoints" / "step_00000040" / "averaged.pt").is_file()
-    assert not (averaged_run / "checkpoints" / "best" / "averaged.pt").exists()  # best holds the average itself
+    assert (averaged_run / "checkpoints" / "step_00000040" / callback_file("nt_asgd")).is_file()
+    assert not (averaged_run / "checkpoints" / "best" / callback_file("nt_asgd")).exists()  # best: the average itself
 
 
 def test_one_rank_evaluation_of_the_averaged_checkpoint_matches_the_two_rank_log(averaged_run):

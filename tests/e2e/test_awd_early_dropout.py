@@ -6,8 +6,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import check, launch
+from trainer.batching import plan_batch
 from trainer.distributed import DistContext
-from trainer.engine import plan_batch
 from trainer.registry import get_recipe
 
 RATES = {"dropout": 0.4, "dropouth": 0.25, "dropouti": 0.4, "dropoute": 0.1, "wdrop": 0.5}
@@ -21,9 +21,9 @@ def test_awd_early_dropout_rates_fall_to_zero_at_the_cutoff(ptb_slice, tmp_path)
     check(launch("train.py", ["--recipe", "awd_ptb_early_dropout", "--run-dir", str(run), "--set", *sets], ranks=2))
 
     spec = get_recipe("awd_ptb_early_dropout")
-    recipe = spec.factory(spec.load_config([], sets), DistContext(0, 2, 0, torch.device("cpu")), plan_batch(20, 2, 0))
+    recipe = spec.factory(spec.load_config([], sets), DistContext(0, 2, 0, torch.device("cpu")))
     recipe.setup()
-    cut = 2 * recipe.steps_per_epoch()  # the schedule's cutoff step, as the run computed it
+    cut = 2 * recipe.train_data(plan_batch(20, 2, 0)).steps_per_epoch()  # the schedule's cutoff step, as the run's
 
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import read_metrics
 from conftest import TINY, check, error_lines, launch, output
-from trainer.checkpoint import AVERAGE_FILE, MANIFEST, verify
+from trainer.checkpoint import MANIFEST, callback_file, verify
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(t
     killed = launch("train.py", args, env={"TRAINER_FAULTS": "sigkill_save@10:0"})
     assert killed.returncode == -signal.SIGKILL, output(killed)[-3000:]
     staged = {p.name for p in (ckpt / "step_00000010.partial").iterdir()}
-    assert {"mp_rank_00_model_states.pt", "rank_00000.pt", AVERAGE_FILE} <= staged and MANIFEST not in staged
+    assert {"mp_rank_00_model_states.pt", "rank_00000.pt", callback_file("nt_asgd")} <= staged
+    assert MANIFEST not in staged
     assert (ckpt / "latest").read_text() == "step_00000008" and not (ckpt / "step_00000010").exists()
 
     out = check(launch("train.py", args))

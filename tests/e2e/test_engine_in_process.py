@@ -36,14 +36,14 @@ RUNS = [  # (run directory, recipe, --set): the ZeRO 0 / 2 AWD runs are watched,
 
 
 def _record(trainer, stage: int) -> dict:
-    """Hook the run's engine, recipe and base optimizer; the real step still runs."""
+    """Hook the run's engine, training stream and base optimizer; the real step still runs."""
     rec = {"seq_len": [], "pre": [], "lr": [], "post": []}
-    recipe, engine, base = trainer.recipe, trainer.engine, trainer.scheduler.optimizer
-    train_steps, engine_step = recipe.train_steps, engine.step
+    data, engine, base = trainer.data, trainer.engine, trainer.scheduler.optimizer
+    train_steps, engine_step = data.steps, engine.step
 
-    def steps(epoch, position):
-        for ts in train_steps(epoch, position):
-            rec["seq_len"].append(ts.micro_batches[0][2].size(0))  # the rows of the inputs the model gets
+    def steps(epoch):
+        for ts in train_steps(epoch):
+            rec["seq_len"].append(ts.micro_batches[0].inputs.size(0))  # the rows of the inputs the model gets
             yield ts
 
     def step(*args, **kwargs):
@@ -73,7 +73,7 @@ def _record(trainer, stage: int) -> dict:
             dist.all_reduce(sq)
         rec["post"].append(float(sq.sqrt()))
 
-    recipe.train_steps, engine.step = steps, step
+    data.steps, engine.step = steps, step
     base.register_step_pre_hook(pre_hook)
     return rec
 

@@ -15,7 +15,7 @@ from bench.common import read_metrics
 from bench.faults import Job, wait_for_step
 from cluster.job import StreamedJob
 from conftest import BIN, ROOT, TINY, TINY_VIT, check, error_lines, free_port, launch, output
-from trainer.checkpoint import read_average_state
+from trainer.checkpoint import read_callback_states
 from trainer.distributed import launcher_env
 from trainer.errors import ConfigError
 from trainer.faults import EXIT_LOST_RANK
@@ -199,7 +199,7 @@ def test_skipped_nonfinite_steps_leave_weights_and_optimizer_state_untouched(tmp
                 assert torch.equal(x, y)
     changed = _module_state(run_dir, tags[5])
     assert any(not torch.equal(t, changed[n]) for n, t in _module_state(run_dir, tags[4]).items())
-    average = {s: read_average_state(run_dir / "checkpoints", tags[s]) for s in tags}  # NT-ASGD: on since step 1
+    average = {s: read_callback_states(run_dir / "checkpoints", tags[s])["nt_asgd"] for s in tags}  # on since step 1
     assert [average[s]["count"] for s in tags] == [2, 2, 2, 3, 4]
     assert torch.equal(average[2]["average"], average[3]["average"])
     assert torch.equal(average[3]["average"], average[4]["average"])

@@ -98,7 +98,7 @@ EVAL_SETS = ["data.batch_size=8", "data.eval_batch_size=4", "data.image_size=32"
 def evaluator(root, ctx):
     """The recipe as ``launch/evaluate.py`` builds it (no training plan), and its model."""
     spec = get_recipe("vit_t")
-    recipe = spec.factory(spec.load_config([], [f"data.root={root}", *EVAL_SETS]), ctx, None)
+    recipe = spec.factory(spec.load_config([], [f"data.root={root}", *EVAL_SETS]), ctx)
     recipe.setup()
     return recipe, recipe.build_model()
 

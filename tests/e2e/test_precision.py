@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import free_port
+from trainer.batching import plan_batch
 from trainer.clipping import DeviceClipper, clips_on_device
 from trainer.config import AnalysisConfig
+from trainer.deepspeed_engine import deepspeed_config, resolve_precision
 from trainer.distributed import DistContext
-from trainer.engine import deepspeed_config, plan_batch, resolve_precision
 from trainer.errors import ConfigError
 from trainer.precision import apply_precision, fp32_state, initialize
 from trainer.registry import get_recipe
@@ -81,15 +82,12 @@ def test_deepspeed_clips_only_where_the_loop_does_not(precision, stage, loop_cli
 
 # ------------------------------------------------------------------ bf16 engines on 2 gloo ranks
 class Stub:
-    """What a checkpoint asks of a recipe, and nothing else."""
+    """What a checkpoint asks of a training stream, and nothing else."""
 
     def state_dict(self):
         return {}
 
     def rank_state_dict(self):
-        return {}
-
-    def checkpoint_signature(self):
         return {}
 
 
@@ -103,6 +101,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     import deepspeed
 
     from trainer.analysis import GradientAnalysis
+    from trainer.callbacks import Callbacks
     from trainer.checkpoint import Checkpointer, load_weights
     from trainer.nt_asgd.averager import NTASGD
 
@@ -143,7 +142,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             r["swapped_masters_err"] = (flat(fp32_state(engine.module)) - want).abs().max().item()
             r["swapped_module_is_rounded_average"] = torch.equal(
                 flat({n: p.detach() for n, p in engine.module.named_parameters()}), want.bfloat16())
-            ckpt.save("best", {}, Stub())
+            ckpt.save("best", {}, Stub(), Callbacks([]), signature={})
         r["masters_restored"] = torch.equal(flat(fp32_state(engine.module)), masters[-1])
         r["module_restored"] = torch.equal(
             flat({n: p.detach().float() for n, p in engine.module.named_parameters()}), copies[-1])

@@ -141,7 +141,7 @@ def test_imagenet_evaluation_has_no_sync_per_batch(tmp_path):
         cfg = spec.load_config([], ["data.format=synthetic", f"data.train_size={25 * images}", "model.num_classes=10",
                                     "data.image_size=32", "data.eval_batch_size=16", "data.workers=0",
                                     "model.kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}"])
-        recipe = spec.factory(cfg, ctx, None)
+        recipe = spec.factory(cfg, ctx)
         recipe.setup()
         model = recipe.build_model().to(ctx.device)
         with count_host_syncs() as c:
@@ -165,13 +165,12 @@ def test_a_one_gpu_task_runs_on_that_gpu_whatever_its_local_rank(corpus, tmp_pat
 
 def test_adamw_is_fused_on_cuda():
     from trainer.distributed import DistContext
-    from trainer.engine import plan_batch
     from trainer.registry import get_recipe
 
     spec = get_recipe("vit_t")
     cfg = spec.load_config([], ["data.format=synthetic", "data.train_size=64", "model.num_classes=4",
                                 "data.image_size=32", "data.batch_size=8", "model.kwargs={patch_size: 8}"])
-    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cuda", 0)), plan_batch(8, 1, 0))
+    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cuda", 0)))
     recipe.setup()
     opt = recipe.build_optimizer(recipe.build_model().cuda())
     assert type(opt).__name__ == "AdamW" and opt.defaults["fused"] is True

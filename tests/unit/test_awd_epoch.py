@@ -7,7 +7,7 @@ import torch
 
 from recipes.awd_lstm.corpus import BpttSampler
 from trainer.distributed import DistContext
-from trainer.engine import plan_batch
+from trainer.batching import plan_batch
 from trainer.registry import get_recipe
 
 BPTT, BATCH, SEED = 20, 4, 7
@@ -31,11 +31,11 @@ def test_an_epoch_has_the_reference_lengths_and_rates_to_its_last_step(ptb_slice
     cfg = spec.load_config([], [f"data.root={ptb_slice.parent}", "data.verify=false", "data.download=false",
                                 f"data.bptt={BPTT}", f"data.batch_size={BATCH}", f"seed={SEED}"])
     for rank in range(world):
-        recipe = spec.factory(cfg, DistContext(rank, world, rank, torch.device("cpu")),
-                              plan_batch(BATCH, world, 0, rank, uneven=True))
+        recipe = spec.factory(cfg, DistContext(rank, world, rank, torch.device("cpu")))
         recipe.setup()
-        rows = recipe.train_data.size(0)
-        steps = [(ts.micro_batches[0][2].size(0), ts.lr_scale, ts.position) for ts in recipe.train_steps(0, None)]
+        stream = recipe.train_data(plan_batch(BATCH, world, 0, rank, uneven=True))
+        rows = stream.data.size(0)
+        steps = [(ts.micro_batches[0].inputs.size(0), ts.lr_scale, ts.position) for ts in stream.steps(0)]
         want = reference_epoch(rows, BPTT, SEED)
         assert steps == want
         fed, scale, _ = steps[-1]

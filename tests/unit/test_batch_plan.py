@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.engine import plan_batch
+from trainer.batching import plan_batch
 from trainer.errors import ConfigError
 
 

@@ -2,14 +2,13 @@
 the full module walk would, and the loader's rate is reported every ``train.log_every`` steps."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from recipes.imagenet.recipe import ImageNetRecipe
+from trainer.batching import plan_batch
 from trainer.distributed import DistContext
-from trainer.engine import plan_batch
 from trainer.registry import get_recipe
 from recipes.imagenet.drop_sites import current_rates, set_drop_path, set_dropout
 
@@ -21,19 +20,19 @@ def recipe():
         "data.batch_size=8", "data.workers=0", "train.epochs=4", "train.log_every=3", "drop.dropout=0.2",
         "drop.drop_path=0.3", "drop.drop_path_mode=late", "drop.drop_path_schedule=constant", "drop.cutoff_epoch=2",
         "model.kwargs={patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}"])
-    r = ImageNetRecipe(cfg, DistContext(0, 1, 0, torch.device("cpu")), plan_batch(8, 1, 0))
+    r = ImageNetRecipe(cfg, DistContext(0, 1, 0, torch.device("cpu")))
     r.setup()
+    r.stream = r.train_data(plan_batch(8, 1, 0))  # the tests' handle on its training stream
     return r
 
 
 def test_each_step_sets_what_the_full_walk_sets(recipe):
     model = recipe.build_model()
-    engine = SimpleNamespace(module=model)
     walked = copy.deepcopy(model)
-    steps = recipe.steps_per_epoch() * recipe.cfg.train.epochs  # 6 per epoch: early linear dropout, late depth
+    steps = recipe.stream.steps_per_epoch() * recipe.cfg.train.epochs  # 6 per epoch: early linear dropout, late depth
     logged = {}
-    for step, ts in zip(range(steps), (ts for e in range(4) for ts in recipe.train_steps(e, None))):
-        logged[step] = recipe.before_step(engine, step, 0.0)
+    for step, ts in zip(range(steps), (ts for e in range(4) for ts in recipe.stream.steps(e))):
+        logged[step] = recipe.begin_step(model, step, 0.0, recipe.stream).scalars
         dropout, drop_path = recipe.dropout_schedule.value(step), recipe.drop_path_schedule.value(step)
         set_dropout(walked, dropout)
         set_drop_path(walked, drop_path)
@@ -48,10 +47,11 @@ def test_each_step_sets_what_the_full_walk_sets(recipe):
 
 
 def test_batches_reach_the_model_normalized(recipe):
-    ts = next(iter(recipe.train_steps(0, None)))
-    (images, labels), = ts.micro_batches
+    ts = next(iter(recipe.stream.steps(0)))
+    micro, = ts.micro_batches
+    images = micro.images
     assert images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
-    raw = recipe.loader.loader.dataset[0][0]  # the synthetic split's one uint8 image
+    raw = recipe.stream.loader.loader.dataset[0][0]  # the synthetic split's one uint8 image
     want = recipe.normalize(raw.unsqueeze(0))[0]
     kept = images[0] == want  # random erasing may have replaced a box of it with noise
     assert kept.float().mean() > 0.5 and torch.equal(images[0][kept], want[kept])
