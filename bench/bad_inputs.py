@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import BIN, PTB_DIR, REPO, free_port, markdown_table  # noqa: E402
-from trainer.distributed import launcher_env  # noqa: E402
+from trainer.launch_env import launcher_env  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import make_image_folder  # noqa: E402  (the test suite's generated ImageFolder)

@@ -35,7 +35,7 @@ from bench.common import (BIN, DATA_ROOT, SMALL, machine_line, markdown_table, m
 from tests.cluster.hosts import Hosts  # noqa: E402
 from tests.cluster.job import StreamedJob  # noqa: E402
 from tests.cluster.slurm import KILL_WAIT_S, REQUEUE_DELAY_S, SlurmCluster  # noqa: E402
-from trainer.distributed import launcher_env  # noqa: E402
+from trainer.launch_env import launcher_env  # noqa: E402
 
 TINY = {"model.emsize": 32, "model.nhid": 48, "data.bptt": 20, "train.log_every": 1}
 

@@ -70,7 +70,7 @@ def train_command(ranks: int, run_dir: Path, sets: list[str], threads: int | Non
 def run_env(threads: int | None = None) -> dict:
     """The environment of a launched process (a run, or a benchmark's own helper process), so both get the same
     CPU threads: ``threads=None`` drops OMP_NUM_THREADS, an int pins it."""
-    from trainer.distributed import interpreter_path  # the same ninja as every other run (or the op rebuilds)
+    from trainer.launch_env import interpreter_path  # the same ninja as every other run (or the op rebuilds)
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PATH"] = interpreter_path(env.get("PATH"))

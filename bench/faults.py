@@ -35,7 +35,7 @@ from bench.common import (BIN, cleanup, free_port, machine_line, markdown_table,
                           short_eval_data, verdict)
 from bench.two_nodes import TwoNodes  # noqa: E402
 from trainer.checkpoint import BEST, MODEL_STATES, read_latest_tag, step_tags, verify  # noqa: E402
-from trainer.distributed import launcher_env  # noqa: E402
+from trainer.launch_env import launcher_env  # noqa: E402
 
 FAULT_STEP = 7  # faults from outside come once the run has logged this step
 # faults the run injects into itself (TRAINER_FAULTS) come at this step: their snapshot (see own_fault) reaches

@@ -120,7 +120,8 @@ class Bare:
 
 def plain_loop(sets: list[str]) -> list[float]:
     """Images/s per window of the recipe's training work without the engine (see the module docstring)."""
-    from trainer.distributed import DistContext, cpus_per_rank
+    from trainer.distributed import DistContext
+    from trainer.launch_env import cpus_per_rank
     from trainer.engine import plan_batch
     from trainer.precision import apply_precision
     from trainer.registry import get_recipe

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from tests.cluster.hosts import Hosts  # noqa: E402
-from trainer.distributed import launcher_env  # noqa: E402
+from trainer.launch_env import launcher_env  # noqa: E402
 
 
 class TwoNodes:

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.distributed import (free_port as any_free_port, interpreter_path, launcher_env,  # noqa: E402
-                                 use_own_extensions_dir)
+from trainer.launch_env import (free_port as any_free_port, interpreter_path, launcher_env,  # noqa: E402
+                                use_own_extensions_dir)
 
 # DeepSpeed builds its CPU communication op with the first ninja on PATH and rebuilds it (minutes, under load long
 # enough for a rank's peers to give it up) whenever another ninja built it last: the processes tests start in-process

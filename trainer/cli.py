@@ -93,10 +93,10 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
 
     In a multi-rank job the failing rank records its error for the others first (their watchdogs then end them
     within seconds, naming it), and an error that is really a peer lost mid-collective is left to the watchdog
-    to name."""
-    from .faults import watchdog
-
+    to name. ``main`` hands the job's watchdog over as ``args.watchdog`` as soon as start-up has one (as it hands
+    over the run directory, for the crash log): an error of start-up's own is reported through it too."""
     args = parser.parse_args(argv)
+    args.watchdog = None
     code = 0
     try:
         code = main(args) or 0
@@ -104,7 +104,7 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         code = 130
     except UserError as e:
         code = 2
-        _fail(code, f"error: {e}", args.debug, everywhere=isinstance(e, HostError))
+        _fail(code, f"error: {e}", args, everywhere=isinstance(e, HostError))
     except Exception as e:  # noqa: BLE001 - the last line of defence before a raw traceback
         code = 1
         run_dir = getattr(args, "run_dir", None)
@@ -112,29 +112,27 @@ def guarded(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         if plain is not None:
             code = 2
             _crash_log(e, run_dir)  # the traceback is still kept, off the terminal
-            _fail(code, f"error: {plain}", args.debug, everywhere=True)
+            _fail(code, f"error: {plain}", args, everywhere=True)
             return code
-        if watchdog.active() is not None and not args.debug:
-            watchdog.active().await_verdict(e)
+        if args.watchdog is not None and not args.debug:
+            args.watchdog.await_verdict(e)
         where = _crash_log(e, run_dir)
         msg = str(e).splitlines()[0] if str(e) else ""
         _fail(code, f"error: [rank {_rank()}] unexpected {type(e).__name__}: {msg} "
-                    f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", args.debug, everywhere=True)
+                    f"(traceback in {where or 'n/a'}; rerun with --debug to see it)", args, everywhere=True)
     finally:
-        if watchdog.active() is not None:
-            watchdog.active().close(ok=code == 0)
+        if args.watchdog is not None:
+            args.watchdog.close(ok=code == 0)
     return code
 
 
-def _fail(code: int, line: str, debug: bool, everywhere: bool) -> None:
+def _fail(code: int, line: str, args: argparse.Namespace, everywhere: bool) -> None:
     """Show ``line`` (``--debug``: re-raise instead). With a watchdog the job's first failure is shown, by the
     rank that had it; before one exists, a user error (the same on every rank: arguments, config) is shown by
     rank 0 only, unless it is ``everywhere``'s (a host's own problem, an unexpected error)."""
-    from .faults import watchdog
-
-    dog = watchdog.active()
+    dog = args.watchdog
     first = dog.report_failure(code, line) if dog is not None else (everywhere or _rank() == 0)
-    if debug:
+    if args.debug:
         raise
     if first:
         print(line, file=sys.stderr, flush=True)

@@ -10,12 +10,16 @@ import argparse
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .cli import require
 from .config import read_yaml, to_yaml
 from .errors import ConfigError
 from .registry import all_recipes, get_recipe
 from .rundir import RunDir
+
+if TYPE_CHECKING:  # torch and DeepSpeed are imported once the arguments and config are checked
+    from .faults.watchdog import PeerWatchdog
 
 log = logging.getLogger("trainer")
 
@@ -64,19 +68,21 @@ def train(args: argparse.Namespace) -> int:
     if cfg.train.init_from and not args.resume:
         _check_init_from(spec, cfg.train.init_from)
 
-    from .distributed import init_distributed
     from .engine import Trainer
     from .monitor import setup_console_logging
     from .multihost import check_shared_run_dir
     from .rundir import resolve_run_dir
+    from .startup import start_rank
 
-    ctx = init_distributed(lost_rank_timeout_s=cfg.train.lost_rank_timeout_s)
+    started = start_rank(lost_rank_timeout_s=cfg.train.lost_rank_timeout_s, on_watchdog=_keep_for_guarded(args))
+    ctx = started.ctx
     setup_console_logging(ctx)
     run = resolve_run_dir(args.run_dir, spec.name, args.resume, ctx)
     check_shared_run_dir(run.path, ctx)
     args.run_dir = str(run.path)  # crash logs go to the run
     log.info("run %s: recipe %s on %d rank(s)", run.path, spec.name, ctx.world)
     trainer = Trainer(spec, cfg, ctx, run, resume=args.resume)
+    _hint_resume(started.watchdog, run)
     state = trainer.fit()
     if trainer.preempted is not None:
         return 0  # a clean stop: the checkpoint is written and the log says how to continue
@@ -89,13 +95,29 @@ def train(args: argparse.Namespace) -> int:
 def fit_in_process(recipe: str, overrides: list[str], run_dir: str | Path):
     """Train ``recipe`` in this process on the rank its environment describes (one rank when none): what a
     benchmark or a test that watches the engine from inside runs. Returns the finished Trainer."""
-    from .distributed import init_distributed
     from .engine import Trainer
+    from .startup import start_rank
 
     spec = get_recipe(recipe)
-    trainer = Trainer(spec, spec.load_config([], overrides), init_distributed(), RunDir(run_dir), resume=False)
+    started, run = start_rank(), RunDir(run_dir)
+    trainer = Trainer(spec, spec.load_config([], overrides), started.ctx, run, resume=False)
+    _hint_resume(started.watchdog, run)
     trainer.fit()
     return trainer
+
+
+def _keep_for_guarded(args: argparse.Namespace) -> Callable[["PeerWatchdog"], None]:
+    """Where start-up hands the job's watchdog: ``args.watchdog``, which ``trainer.cli.guarded`` reports an error
+    through and closes at the end, start-up's own errors included."""
+    def keep(dog: "PeerWatchdog") -> None:
+        args.watchdog = dog
+    return keep
+
+
+def _hint_resume(dog: "PeerWatchdog | None", run: RunDir) -> None:
+    """Once the run exists (its Trainer built): a lost rank's message says how to continue it."""
+    if dog is not None:
+        dog.hint = f"; --resume --run-dir {run.path} continues from its last checkpoint"
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -110,14 +132,14 @@ def evaluate(args: argparse.Namespace) -> int:
     tag = resolve_tag(run.checkpoints, args.checkpoint)
     saved = read_client_state(run.checkpoints, tag)
 
-    from .distributed import init_distributed
     from .evaluation import evaluate_split
     from .monitor import Monitor, setup_console_logging
     from .rng import seed_everything
+    from .startup import start_rank
 
     from .precision import apply_precision
 
-    ctx = init_distributed()
+    ctx = start_rank(on_watchdog=_keep_for_guarded(args)).ctx
     setup_console_logging(ctx)
     apply_precision("tf32" if cfg.train.precision == "tf32" else "fp32")  # the fp32 weights, in IEEE fp32 unless asked
     recipe = spec.factory(cfg, ctx)

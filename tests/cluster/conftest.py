@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SMALL_AWD
-from trainer.distributed import launcher_env
+from trainer.launch_env import launcher_env
 
 from .hosts import Hosts, HostsUnavailable
 from .job import StreamedJob

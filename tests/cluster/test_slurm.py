@@ -13,7 +13,7 @@ import yaml
 
 from bench.common import read_metrics
 from conftest import BIN, ROOT, free_port, make_image_folder
-from trainer.distributed import launcher_env
+from trainer.launch_env import launcher_env
 
 from .conftest import SHIPPED, TINY_AWD, TINY_VIT, on_node1
 from .hosts import HostsUnavailable

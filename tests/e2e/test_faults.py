@@ -16,7 +16,7 @@ from bench.faults import Job, wait_for_step
 from cluster.job import StreamedJob
 from conftest import BIN, ROOT, TINY, TINY_VIT, check, error_lines, free_port, launch, output
 from trainer.checkpoint import read_callback_states
-from trainer.distributed import launcher_env
+from trainer.launch_env import launcher_env
 from trainer.errors import ConfigError
 from trainer.faults import EXIT_LOST_RANK
 from trainer.faults.inject import ENV, FaultPlan

@@ -14,11 +14,13 @@ import torch.distributed as dist
 
 from cluster.job import StreamedJob
 from conftest import BIN, ROOT, TINY, free_port, launcher_env
-from trainer.distributed import DistContext, extensions_dir, startup_timeout
+from trainer.distributed import DistContext
 from trainer.errors import ConfigError
 from trainer.faults import EXIT_LOST_RANK, watchdog
 from trainer.faults.inject import ENV, FaultPlan
 from trainer.faults.watchdog import PeerWatchdog
+from trainer.launch_env import extensions_dir
+from trainer.startup import startup_timeout
 
 
 def two_ranks(tmp_path, sets, env):

@@ -129,7 +129,7 @@ def test_one_host_sync_per_optimizer_step(corpus, tmp_path, precision):
 
 def test_imagenet_evaluation_has_no_sync_per_batch(tmp_path):
     """Evaluation reads its sums back once, whatever the number of batches."""
-    from trainer.distributed import init_distributed
+    from trainer.startup import init_distributed
     from trainer.evaluation import evaluate_split
     from trainer.host_syncs import count_host_syncs
     from trainer.registry import get_recipe

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from trainer.distributed import init_distributed  # noqa: E402
+from trainer.startup import init_distributed  # noqa: E402
 from trainer.nt_asgd.averager import NTASGD  # noqa: E402
 
 T0, STEPS = 3, 8

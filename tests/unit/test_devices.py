@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from trainer import distributed, multihost
+from trainer import distributed, launch_env, multihost
 from trainer.errors import ConfigError
 from trainer.rng import device_state_for
 
@@ -16,14 +16,14 @@ from trainer.rng import device_state_for
     (0, 8, 0), (5, 8, 5),  # a task that sees its node's GPUs (deepspeed launcher, torchrun): the local rank's
 ])
 def test_device_index_stays_within_what_the_task_sees(local_rank, visible, expect):
-    assert distributed.device_index(local_rank, visible) == expect
+    assert launch_env.device_index(local_rank, visible) == expect
 
 
 @pytest.mark.parametrize("local_rank, visible, expect", [(2, 2, "sees only 2 GPUs"), (0, 0, "sees no GPU")])
 def test_device_index_past_the_visible_count_is_a_one_line_error(monkeypatch, local_rank, visible, expect):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(ConfigError, match=expect):
-        distributed.device_index(local_rank, visible)
+        launch_env.device_index(local_rank, visible)
 
 
 def test_deepspeed_is_given_the_device_the_rank_chose_not_its_local_rank():
@@ -37,14 +37,14 @@ def test_deepspeed_is_given_the_device_the_rank_chose_not_its_local_rank():
 
 def test_cpu_threads_follow_slurm_and_the_affinity_mask(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(launch_env.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5})
     seen = []
-    monkeypatch.setattr(distributed.torch, "set_num_threads", seen.append)
+    monkeypatch.setattr(launch_env.torch, "set_num_threads", seen.append)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    distributed._share_cpu_threads()  # two ranks on a host whose mask allows 6 CPUs
+    launch_env._share_cpu_threads()  # two ranks on a host whose mask allows 6 CPUs
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    distributed._share_cpu_threads()  # a Slurm task keeps its own allocation
+    launch_env._share_cpu_threads()  # a Slurm task keeps its own allocation
     assert seen == [3, 1]
 
 

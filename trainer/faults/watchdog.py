@@ -46,21 +46,11 @@ import psutil
 import torch.distributed as dist
 
 from ..distributed import DistContext
+from .preemption import last_signal
 
 log = logging.getLogger("trainer")
 
 EXIT_LOST_RANK = 3
-_ACTIVE: "PeerWatchdog | None" = None
-
-
-def active() -> "PeerWatchdog | None":
-    """The watchdog of this process's job, if it has one (a multi-rank job that got past joining)."""
-    return _ACTIVE
-
-
-def _close_at_exit() -> None:
-    if _ACTIVE is not None:
-        _ACTIVE.close(ok=True)
 
 
 def _node_id() -> str:
@@ -107,6 +97,7 @@ class PeerWatchdog:
         self._closing = threading.Event()  # this rank is ending on its own: a peer's failure is not news to it
         self._ending = threading.Lock()  # held by whichever thread ends the process
         self._previous_sigterm = None  # the handler _take_sigterm replaced
+        self._closed = False  # close() has run: the exit does not close it again
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self._where = f"{host}:{port}"
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=max(10.0, 5 * self.interval)),
@@ -128,13 +119,16 @@ class PeerWatchdog:
 
     @classmethod
     def start(cls, ctx: DistContext, timeout_s: float, **kwargs) -> "PeerWatchdog":
-        """The process's watchdog; a process that ends without closing it (a script using init_distributed
-        directly) closes it at exit, as a normal end."""
-        global _ACTIVE
-        _ACTIVE = cls(ctx, timeout_s, **kwargs)
-        atexit.register(_close_at_exit)
-        _ACTIVE._take_sigterm()
-        return _ACTIVE
+        """The process's watchdog; a process that ends without closing it (a script using
+        ``trainer.startup.init_distributed``) closes it at exit, as a normal end."""
+        dog = cls(ctx, timeout_s, **kwargs)
+        atexit.register(dog._close_at_exit)
+        dog._take_sigterm()
+        return dog
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            self.close(ok=True)
 
     def _take_sigterm(self) -> None:
         """The DeepSpeed launcher SIGTERMs the other ranks as soon as it sees one exit. Where nothing else handles
@@ -322,8 +316,6 @@ class PeerWatchdog:
         them 30 s later) shortens the wait to what a check of this node's ranks needs, whether it came during
         training (the loop's handler recorded it) or comes now: a default SIGTERM here would end the process
         without a word."""
-        from .preemption import last_signal
-
         short = 2 * self.interval + self.grace
         long = looks_like_lost_peer(exc) and last_signal() is None
         deadline = time.monotonic() + (self.timeout + 3 * self.interval if long else short)
@@ -346,7 +338,6 @@ class PeerWatchdog:
         """Mark this rank done (its exit is not a loss) and end the thread; rank 0 first lets the others read
         the job's outcome from the store it hosts. A rank that ends on an error has ended the job: it also
         sees that this node's other ranks go (:meth:`_wind_up`)."""
-        global _ACTIVE
         self._closing.set()
         self._mark_done("ok" if ok else "error")
         if not ok:
@@ -358,8 +349,7 @@ class PeerWatchdog:
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) == self._on_sigterm:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
-        if _ACTIVE is self:
-            _ACTIVE = None
+        self._closed = True
 
     def _mark_done(self, how: str) -> None:
         try:

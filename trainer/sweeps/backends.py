@@ -15,6 +15,7 @@ from pathlib import Path
 import submitit
 
 from ..errors import ConfigError
+from ..launch_env import free_port, launcher_env
 from ..rundir import RunDir
 from . import jobs
 from .changes import FLAG, Change, aside_path, keys_text, move_aside
@@ -168,8 +169,6 @@ def check_hostfile(path: str | None) -> None:
 
 def run_sequential(spec: SweepSpec, steps: list[Step], backend: str, dry_run: bool) -> list[str]:
     """Run the points one after another; returns the names of those that failed."""
-    from ..distributed import free_port, launcher_env
-
     if backend == "hostfile":
         check_hostfile(spec.hostfile)
     failed = []
@@ -210,8 +209,6 @@ def _set_dist_env() -> None:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from ..distributed import free_port
-
             os.environ["MASTER_PORT"] = str(free_port())
         return
     world = job.num_tasks

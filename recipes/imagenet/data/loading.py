@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.distributed import DistContext, cpus_per_rank
+from trainer.distributed import DistContext
+from trainer.launch_env import cpus_per_rank
 from trainer.errors import DataError
 
 from .folder import FolderSplit
