@@ -5,7 +5,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import check, launch
+from harness.launching import check, launch
 from trainer.distributed import DistContext
 from trainer.engine import plan_batch
 from trainer.registry import get_recipe
