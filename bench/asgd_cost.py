@@ -38,18 +38,17 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (DATA_ROOT, PAPER, SMALL, cleanup, header, judge, legend, markdown_table,  # noqa: E402
-                          median, median_ci, overrides, pct, pct_range, progress, ratio_span, round_order,
-                          run_training, scratch_dir, shell_line, short_eval_data, verdict)
-from trainer.distributed import DistContext  # noqa: E402
-from trainer.nt_asgd.sharded_average import ShardedAverage  # noqa: E402
-from trainer.registry import get_recipe  # noqa: E402
+from harness.corpora import short_eval_data
+from harness.paths import DATA_ROOT, cleanup, scratch_dir
+from harness.reporting import header, judge, legend, markdown_table, pct, pct_range, progress, ratio_span, verdict
+from harness.runs import PAPER, SMALL, overrides, run_training, shell_line
+from harness.timing import median, median_ci, round_order
+from trainer.distributed import DistContext
+from trainer.nt_asgd.sharded_average import ShardedAverage
+from trainer.registry import get_recipe
 
 BATCH, BPTT = 10, 70
 

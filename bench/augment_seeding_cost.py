@@ -33,17 +33,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (cleanup, header, jpeg_like_photo, judge, legend, markdown_table, median,  # noqa: E402
-                          median_ci, pct, pct_range, progress, scratch_dir, verdict)
-from recipes.imagenet.data import FolderSplit, SampleKey, build_transforms, open_split  # noqa: E402
-from trainer.rng import seed_host_rng  # noqa: E402
+from harness.images import jpeg_like_photo
+from harness.paths import cleanup, scratch_dir
+from harness.reporting import header, judge, legend, markdown_table, pct, pct_range, progress, verdict
+from harness.timing import median, median_ci
+from recipes.imagenet.data import FolderSplit, SampleKey, build_transforms, open_split
+from trainer.rng import seed_host_rng
 
 WIDTH, HEIGHT, SIZE = 500, 375, 224
 

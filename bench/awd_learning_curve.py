@@ -16,10 +16,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (DATA_ROOT, REPO, SMALL, cleanup, header, markdown_table, overrides, progress,  # noqa: E402
-                          scratch_dir, shell_line, start_run, verdict)
+from harness.paths import DATA_ROOT, REPO, cleanup, scratch_dir
+from harness.reporting import header, markdown_table, progress, verdict
+from harness.runs import SMALL, overrides, shell_line, start_run
 
 
 def draw(train: list[dict], valid: list[dict], png: Path, title: str) -> None:

@@ -19,12 +19,11 @@ import argparse
 import math
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (DATA_ROOT, SMALL, cleanup, header, markdown_table, median, overrides,  # noqa: E402
-                          progress, scratch_dir, shell_line, start_run, verdict)
+from harness.paths import DATA_ROOT, cleanup, scratch_dir
+from harness.reporting import header, markdown_table, progress, verdict
+from harness.runs import SMALL, overrides, shell_line, start_run
+from harness.timing import median
 
 
 def report_progress(run) -> None:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (PAPER, SMALL, cleanup, header, legend, markdown_table, median, overrides,  # noqa: E402
-                          ratio_span, round_order, run_training, scratch_dir, shell_line, short_eval_data)
+from harness.corpora import short_eval_data
+from harness.paths import cleanup, scratch_dir
+from harness.reporting import header, legend, markdown_table, ratio_span
+from harness.runs import PAPER, SMALL, overrides, run_training, shell_line
+from harness.timing import median, round_order
 
 # (max_steps, log_every): the paper shape is ~10x slower per step on CPU, so fewer steps.
 SHAPES = {

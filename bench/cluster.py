@@ -27,15 +27,16 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import (BIN, DATA_ROOT, SMALL, machine_line, markdown_table, median, overrides,  # noqa: E402
-                          read_metrics, short_eval_data)
-from tests.cluster.hosts import Hosts  # noqa: E402
-from tests.cluster.job import StreamedJob  # noqa: E402
-from tests.cluster.slurm import KILL_WAIT_S, REQUEUE_DELAY_S, SlurmCluster  # noqa: E402
-from trainer.launch_env import launcher_env  # noqa: E402
+from harness.corpora import short_eval_data
+from harness.hosts import Hosts
+from harness.jobs import StreamedJob
+from harness.metrics import read_metrics
+from harness.paths import BIN, DATA_ROOT, REPO
+from harness.reporting import machine_line, markdown_table
+from harness.runs import SMALL, overrides
+from harness.slurm import KILL_WAIT_S, REQUEUE_DELAY_S, SlurmCluster
+from harness.timing import median
+from trainer.launch_env import launcher_env
 
 TINY = {"model.emsize": 32, "model.nhid": 48, "data.bptt": 20, "train.log_every": 1}
 

@@ -37,10 +37,11 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import PTB_DIR, jpeg_like_photo, markdown_table, median, short_eval_data  # noqa: E402
+from harness.corpora import short_eval_data
+from harness.images import jpeg_like_photo
+from harness.paths import PTB_DIR
+from harness.reporting import markdown_table
+from harness.timing import median
 
 PTB_TRAIN_TOKENS = 929_589
 PRECISIONS = ("fp32", "tf32", "bf16")

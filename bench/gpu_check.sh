@@ -5,7 +5,8 @@
 #   bash bench/gpu_rehearsal.sh            # here: this script on CPU, in that machine's Python and torch
 #   bash bench/gpu_check.sh OUT_DIR        # there (device call with carry [".whl"]; OUT_DIR under $OUT)
 #
-# It installs the kit beside the machine's own torch (pip --no-index --no-deps --target, then PYTHONPATH), then
+# It installs the kit beside the machine's own torch (pip --no-index --no-deps --target, then PYTHONPATH, with the
+# checkout itself: nothing is installed from it), then
 # runs each step under its own time limit, the limits adding up to 9 minutes (the install's included). Each step
 # writes as it goes: its output to OUT_DIR/log.txt, its figures to OUT_DIR/rows.jsonl and OUT_DIR/table.md, its
 # exit status and time to OUT_DIR/steps.tsv, so a step killed at its limit leaves what it measured. Standard output
@@ -38,7 +39,7 @@ step() {  # NAME LIMIT_S COMMAND...
 ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_check: no wheels in .whl/: run bash bench/gpu_kit.sh first (and carry .whl)"; exit 2; }
 step kit 30 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
   .whl/*.whl || { echo "gpu_check: the kit did not install (see $log)"; exit 2; }
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" DSRECIPES_DATA="$PWD/.whl/data"
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" DSRECIPES_DATA="$PWD/.whl/data"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 step versions 20 "$py" bench/gpu_check.py versions --out "$out"
@@ -53,9 +54,8 @@ step loader 40 "$py" bench/gpu_check.py loader --out "$out"
 import json, platform, sys, time
 from pathlib import Path
 out, total = Path(sys.argv[1]), int(sys.argv[2])
-sys.path.insert(0, ".")
 from bench.gpu_check import Table
-from bench.common import markdown_table
+from harness.reporting import markdown_table
 print(f"gpu_check on {platform.node()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
 print("command: bash bench/gpu_check.sh " + sys.argv[1] + "\n")
 print(Table(out).render() + "\n")

@@ -49,12 +49,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import (cleanup, header, jpeg_like_photo, judge, legend, markdown_table, median,  # noqa: E402
-                          overrides, pct, pct_range, progress, ratio_span, round_order, run_env, run_training,
-                          scratch_dir, shell_line, verdict)
+from harness.images import jpeg_like_photo
+from harness.paths import REPO, cleanup, scratch_dir
+from harness.reporting import header, judge, legend, markdown_table, pct, pct_range, progress, ratio_span, verdict
+from harness.runs import overrides, run_env, run_training, shell_line
+from harness.timing import median, round_order
 
 CLASSES = 10
 IMAGES_PER_CLASS = 64

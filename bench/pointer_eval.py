@@ -27,20 +27,18 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import (DATA_ROOT, PAPER, SMALL, header, legend, markdown_table, median, overrides,  # noqa: E402
-                          progress, ratio_span, round_order, verdict)
-from recipes.awd_lstm.corpus import batchify  # noqa: E402
-from recipes.awd_lstm.pointer import pointer_nll_sum  # noqa: E402
-from tests.test_pointer import reference_nll  # noqa: E402
-from trainer.distributed import DistContext  # noqa: E402
-from trainer.registry import get_recipe  # noqa: E402
+from harness.paths import DATA_ROOT
+from harness.pointer_reference import reference_nll
+from harness.reporting import header, legend, markdown_table, progress, ratio_span, verdict
+from harness.runs import PAPER, SMALL, overrides
+from harness.timing import median, round_order
+from recipes.awd_lstm.corpus import batchify
+from recipes.awd_lstm.pointer import pointer_nll_sum
+from trainer.distributed import DistContext
+from trainer.registry import get_recipe
 
 
 def build(shape: dict, eval_batch: int):

@@ -24,15 +24,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import header, judge, legend, markdown_table, verdict  # noqa: E402
-from recipes.awd_lstm.model import AWDLSTM  # noqa: E402
-from trainer.rng import KeyedGenerator  # noqa: E402
+from harness.reporting import header, judge, legend, markdown_table, verdict
+from recipes.awd_lstm.model import AWDLSTM
+from trainer.rng import KeyedGenerator
 
 GLOBAL_BATCH, BPTT, VOCAB = 20, 70, 10000
 

@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (header, judge, legend, markdown_table, median, median_ci, pct,  # noqa: E402
-                          pct_range, progress, round_order, verdict)
-from recipes.awd_lstm.regularizers import weight_drop as wd  # noqa: E402
-from recipes.awd_lstm.regularizers.weight_drop import WeightDropLSTM  # noqa: E402
+from harness.reporting import header, judge, legend, markdown_table, pct, pct_range, progress, verdict
+from harness.timing import median, median_ci, round_order
+from recipes.awd_lstm.regularizers import weight_drop as wd
+from recipes.awd_lstm.regularizers.weight_drop import WeightDropLSTM
 
 SIZES = [(400, 1150), (1150, 1150), (1150, 400)]
 T = 70

@@ -1,21 +1,16 @@
-import os
-import random
+"""What every test shares: the environment of the processes tests start, the shared data fixtures, each file's
+kind marker (from its folder) and the longest-first order of the files. The helpers tests call (launching jobs,
+reading metrics, generated data, hosts, fault scenarios) are in harness/, shared with bench/."""
+
 import json
-import re
-import shutil
-import socket
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from trainer.launch_env import (free_port as any_free_port, interpreter_path, launcher_env,  # noqa: E402
-                                use_own_extensions_dir)
+from harness.launching import WORKER
+from harness.paths import SHARED_DATA
+from trainer.launch_env import interpreter_path, use_own_extensions_dir
 
 # DeepSpeed builds its CPU communication op with the first ninja on PATH and rebuilds it (minutes, under load long
 # enough for a rank's peers to give it up) whenever another ninja built it last: the processes tests start in-process
@@ -27,133 +22,13 @@ os.environ["PATH"] = interpreter_path(os.environ.get("PATH"))
 use_own_extensions_dir()
 
 # Under `pytest -n N` (pytest-xdist) N workers run test files side by side on the machine's cores: every process
-# a test starts gets one thread (a rank with two threads collapses when another process takes a core), and each
-# worker draws master ports from its own residue class, so two tests never race for the same port.
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# a test starts gets one thread (a rank with two threads collapses when another process takes a core); each worker
+# draws master ports from its own block (harness.launching.free_port), so two tests never race for the same port.
 if WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    """A free port; under xdist, from this worker's own block of 3000 below the kernel's ephemeral range
-    (bind(0) hands out even ports only, so its choice cannot be split between workers by residue)."""
-    if not WORKER:
-        return any_free_port()
-    lo = 20000 + 3000 * int(WORKER.removeprefix("gw"))
-    while True:
-        port = random.randrange(lo, lo + 3000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-
-SHARED_DATA = ROOT.parent / "shared" / "data"
-BIN = Path(sys.executable).parent
-
-# A small AWD-LSTM that still learns PTB in a few hundred CPU steps.
-SMALL_AWD = ["data.root=" + str(SHARED_DATA), "model.emsize=100", "model.nhid=200", "data.bptt=35",
-             "train.test_at_end=false", "train.progress=false"]
-# The smallest shapes of each family that still train: a training step takes milliseconds.
-TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1"]
-TINY_VIT = ["data.format=synthetic", "data.train_size=100000", "model.num_classes=4", "data.image_size=32",
-            "data.batch_size=8", "data.workers=1",
-            "model.kwargs={patch_size: 8, embed_dim: 48, depth: 3, num_heads: 3}",
-            "train.log_every=1", "train.progress=false", "train.test_at_end=false"]
-
-
-def launch(script: str, args: list[str], ranks: int = 1, timeout: float = 900, env: dict | None = None,
-           port: int | None = None) -> subprocess.CompletedProcess:
-    """Run a launch/ script on ``ranks`` CPU ranks: plain python for 1, the deepspeed launcher for more."""
-    return subprocess.run(launch_command(script, args, ranks, port), cwd=ROOT, env=launcher_env(env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def launch_command(script: str, args: list[str], ranks: int = 1, port: int | None = None) -> list[str]:
-    path = str(ROOT / "launch" / script)
-    if ranks == 1:
-        return [sys.executable, path, *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()), path, *args]
-
-
-def output(proc: subprocess.CompletedProcess) -> str:
-    return proc.stdout + proc.stderr
-
-
-def check(proc: subprocess.CompletedProcess) -> str:
-    out = output(proc)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in output(proc).splitlines() if line.startswith("error: ")]
-
-
-def metric_value(text: str, name: str) -> float:
-    m = re.search(rf"\b{name} ([0-9.eE+-]+)", text)
-    assert m, f"no '{name} <value>' in output:\n{text[-2000:]}"
-    return float(m.group(1))
-
-
-WALL_CLOCK = ("tokens_per_s", "samples_per_s", "time")  # the only logged values a resume may change
-
-
-def rows(run_dir: Path) -> list[dict]:
-    """A run's metrics.jsonl without its wall-clock values: what two runs of the same training log alike."""
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """A TensorBoard scalar of the run, by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def cut(run_dir, dest, step):
-    """A copy of ``run_dir`` as it was right after its checkpoint at ``step``."""
-    shutil.copytree(run_dir, dest)
-    tag = f"step_{step:08d}"
-    for d in (dest / "checkpoints").iterdir():
-        if d.name.startswith("step_") and d.name > tag:
-            shutil.rmtree(d)
-    (dest / "checkpoints" / "latest").write_text(tag)
-    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dest
-
-
-IMAGE_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # one class per colour
-
-
-def make_image_folder(root: Path, size: int = 40, per_class: tuple[int, int] = (24, 8), corrupt: bool = False) -> Path:
-    """Four classes of noisy solid colours under train/ and val/ (24 + 8 per class: 3 steps per epoch at global
-    batch 32 on 1 or 2 ranks, learnable in an epoch or two); ``corrupt`` makes one of class_0's training images an
-    undecodable train/class_0/broken.JPEG, in place of a good one: the count still divides into whole batches, so
-    every epoch reads it, whatever the seeded order (an extra 97th image would be the one left out, now and then)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class):
-        for c, colour in enumerate(IMAGE_COLOURS):
-            d = root / split / f"class_{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (size, size, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i:03d}.JPEG", quality=90)
-    if corrupt:
-        (root / "train" / "class_0" / f"{per_class[0] - 1:03d}.JPEG").unlink()
-        (root / "train" / "class_0" / "broken.JPEG").write_bytes(rng.bytes(2000))
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .hosts import Hosts, HostsUnavailable
-from .slurm import SlurmCluster
+from harness.hosts import Hosts, HostsUnavailable
+from harness.slurm import SlurmCluster
 
 
 def main() -> int:

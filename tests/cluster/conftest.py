@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_AWD
+from harness.hosts import Hosts, HostsUnavailable
+from harness.jobs import StreamedJob
+from harness.paths import REPO as ROOT
+from harness.shapes import SMALL_AWD
 from trainer.launch_env import launcher_env
-
-from .hosts import Hosts, HostsUnavailable
-from .job import StreamedJob
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TRAIN = "launch/train.py"

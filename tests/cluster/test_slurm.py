@@ -11,13 +11,15 @@ import time
 import pytest
 import yaml
 
-from bench.common import read_metrics
-from conftest import BIN, ROOT, free_port, make_image_folder
+from harness.hosts import HostsUnavailable
+from harness.images import make_image_folder
+from harness.launching import free_port
+from harness.metrics import read_metrics
+from harness.paths import BIN, REPO as ROOT
+from harness.slurm import SlurmCluster
 from trainer.launch_env import launcher_env
 
 from .conftest import SHIPPED, TINY_AWD, TINY_VIT, on_node1
-from .hosts import HostsUnavailable
-from .slurm import SlurmCluster
 
 CPU_JOB = {"nodes": 2, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "partition": "debug",
            "time_min": 10, "mem_gb": None}

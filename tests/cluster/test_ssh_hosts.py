@@ -13,8 +13,8 @@ import time
 import psutil
 import yaml
 
-from bench.common import read_metrics
-from conftest import make_image_folder
+from harness.images import make_image_folder
+from harness.metrics import read_metrics
 from trainer.checkpoint import MANIFEST, step_tags, verify
 
 from .conftest import SHIPPED, TINY_AWD, TINY_VIT, hostfile_train, on_node1

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import read_metrics
-from bench.two_nodes import TwoNodes
-from cluster.hosts import Hosts
-from conftest import SMALL_AWD
+from harness.hosts import Hosts
+from harness.metrics import read_metrics
+from harness.shapes import SMALL_AWD
+from harness.two_nodes import TwoNodes
+
 
 TINY = [*SMALL_AWD, "model.emsize=32", "model.nhid=48", "data.bptt=20", "train.log_every=1", "train.epochs=1",
         "train.lost_rank_timeout_s=10"]

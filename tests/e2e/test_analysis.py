@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import free_port
+from harness.launching import free_port
 from trainer.analysis import (AnalysisConfig, GradientAnalysis, average_over_ranks, capture_batches, flat_grad,
                               make_grad_fn, preserved_stream_state)
 from trainer.batching import plan_batch

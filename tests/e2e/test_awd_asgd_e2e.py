@@ -6,8 +6,10 @@ import shutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SHARED_DATA, check, error_lines, launch, metric_value
+from harness.launching import check, error_lines, launch, metric_value
+from harness.paths import SHARED_DATA
 from trainer.checkpoint import callback_file
+
 
 TINY = ["data.root=" + str(SHARED_DATA), "model.emsize=50", "model.nhid=60", "data.bptt=20",
         "train.test_at_end=false", "train.progress=false"]

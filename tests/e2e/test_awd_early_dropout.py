@@ -5,7 +5,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import check, launch
+from harness.launching import check, launch
 from trainer.batching import plan_batch
 from trainer.distributed import DistContext
 from trainer.registry import get_recipe

@@ -8,7 +8,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_AWD, check, launch, metric_value
+from harness.launching import check, launch, metric_value
+from harness.shapes import SMALL_AWD
+
 
 STEPS = 200
 

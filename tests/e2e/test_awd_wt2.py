@@ -6,7 +6,7 @@ import random
 import pytest
 import yaml
 
-from conftest import check, error_lines, launch
+from harness.launching import check, error_lines, launch
 from trainer.registry import get_recipe
 
 

@@ -1,10 +1,11 @@
-"""Bad input end to end (bench/bad_inputs.py's cases): one `error:` line naming the problem and the fix, a non-zero
-exit, no traceback unless --debug, and every file an earlier run wrote left as it was."""
+"""Bad input end to end (harness/bad_inputs.py's cases, which bench/bad_inputs.py reports): one `error:` line
+naming the problem and the fix, a non-zero exit, no traceback unless --debug, and every file an earlier run wrote
+left as it was."""
 
 import pytest
 
-from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from bench.bad_inputs import INPUT_CASES, Case, command, run_case, run_command, train_shared
+from harness.bad_inputs import INPUT_CASES, check_case, train_shared
+from harness.launching import launch_command, run_command
 
 
 @pytest.fixture(scope="module")
@@ -15,30 +16,11 @@ def shared(tmp_path_factory):
 
 @pytest.mark.parametrize("case", INPUT_CASES, ids=[c.name for c in INPUT_CASES])
 def test_bad_input(case, tmp_path, request):
-    check_case(case, tmp_path, request)
-
-
-def check_case(case: Case, tmp_path, request) -> None:
-    """The case's one error line (or warning), exit status, no traceback and nothing changed (tests/e2e/test_run_safety.py
-    runs the run-directory cases through it too)."""
-    shared = request.getfixturevalue("shared") if case.needs_shared else None
-    outcome = run_case(case, tmp_path, shared, timeout=420)  # the port case: the other rank must not hang
-    tail = outcome.output[-3000:]
-    assert not outcome.traceback, tail
-    assert not outcome.changed, f"files of an earlier run changed: {outcome.changed}"
-    if case.succeeds:  # bad data the run survives: skipped and named once, never a crash
-        assert outcome.returncode == 0, tail
-        assert not outcome.errors, outcome.errors
-        assert len(outcome.naming(case)) == 1, tail
-        return
-    assert outcome.returncode != 0, tail
-    assert len(outcome.errors) == 1, tail
-    for fragment in case.expect:
-        assert fragment in outcome.errors[0], outcome.errors[0]
+    check_case(case, tmp_path, request.getfixturevalue("shared") if case.needs_shared else None)
 
 
 def test_debug_shows_the_traceback():
-    proc = run_command(command("train.py", ["--recipe", "awd_ptb", "--debug", "--set", "model.nhidd=3"]))
+    proc = run_command(launch_command("train.py", ["--recipe", "awd_ptb", "--debug", "--set", "model.nhidd=3"]))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Traceback" in out and "ConfigError: config error: unknown key 'model.nhidd'" in out, out[-3000:]

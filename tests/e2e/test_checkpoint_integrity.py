@@ -6,8 +6,9 @@ import signal
 
 import pytest
 
-from bench.common import read_metrics
-from conftest import TINY, check, error_lines, launch, output
+from harness.launching import check, error_lines, launch, output
+from harness.metrics import read_metrics
+from harness.shapes import TINY
 from trainer.checkpoint import MANIFEST, callback_file, verify
 
 

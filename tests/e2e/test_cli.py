@@ -4,7 +4,8 @@ downloads, so it passes the same on- and offline."""
 
 import yaml
 
-from conftest import error_lines, launch, output
+from harness.launching import error_lines, launch, output
+
 
 
 def one_line_error(proc, *words):

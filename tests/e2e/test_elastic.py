@@ -13,7 +13,9 @@ import json
 import pytest
 import torch
 
-from conftest import check, cut, launch
+from harness.launching import check, launch
+from harness.run_dirs import cut
+
 
 # A reference run on 1 rank checkpoints every 2 steps; a copy of it cut at step 2 resumes on 2 ranks up to step 4,
 # and that run's own checkpoint resumes on 1 rank up to step 6: both legs must log what the reference logged.

@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TINY_VIT, free_port, rows, scalars
+from harness.launching import free_port
+from harness.metrics import rows, scalars
+from harness.shapes import TINY_VIT
+
 
 BPTT, LR, CLIP, STEPS = 20, 30.0, 0.25, 8
 ANALYSIS = ["analysis.enabled=true", "analysis.every=3", "analysis.batches=2", "analysis.reference_batches=2"]

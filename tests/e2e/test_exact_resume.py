@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import Job, wait_for_step
-from conftest import SHARED_DATA, SMALL_AWD, check, free_port, launch, make_image_folder, rows, scalars
+from harness.faults import Job
+from harness.images import make_image_folder
+from harness.launching import check, free_port, launch
+from harness.metrics import rows, scalars, wait_for_step
+from harness.paths import SHARED_DATA
+from harness.shapes import SMALL_AWD
 from trainer.checkpoint import read_client_state, read_latest_tag, step_tag
 
 def cut_after(run_dir: Path, step: int) -> int:

@@ -11,10 +11,12 @@ import psutil
 import pytest
 import torch
 
-from bench.common import read_metrics
-from bench.faults import Job, wait_for_step
-from cluster.job import StreamedJob
-from conftest import BIN, ROOT, TINY, TINY_VIT, check, error_lines, free_port, launch, output
+from harness.faults import Job
+from harness.jobs import StreamedJob
+from harness.launching import check, error_lines, free_port, launch, output
+from harness.metrics import read_metrics, wait_for_step
+from harness.paths import BIN, REPO as ROOT
+from harness.shapes import TINY, TINY_VIT
 from trainer.checkpoint import read_callback_states
 from trainer.launch_env import launcher_env
 from trainer.errors import ConfigError

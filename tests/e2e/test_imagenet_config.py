@@ -3,7 +3,7 @@ before any rank starts, in one line naming both values."""
 
 import pytest
 
-from conftest import error_lines, launch
+from harness.launching import error_lines, launch
 from trainer.errors import ConfigError
 from trainer.registry import get_recipe
 from trainer.schedules import DropTiming

@@ -15,8 +15,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import check, cut, error_lines, free_port, launch, make_image_folder, metric_value
 from harness.images import CORRUPT, write_shards
+from harness.images import make_image_folder
+from harness.launching import check, error_lines, free_port, launch, metric_value
+from harness.run_dirs import cut
 from trainer.checkpoint import read_client_state
 from trainer.distributed import DistContext
 from trainer.evaluation import evaluate_split

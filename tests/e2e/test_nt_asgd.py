@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import BIN, ROOT, free_port
+from harness.launching import checkout_env, free_port
+from harness.paths import BIN, REPO as ROOT
 from trainer.nt_asgd.averager import nonmono_triggered
 
 
@@ -40,7 +41,7 @@ def probe(request, tmp_path_factory):
         cmd = [sys.executable, script, str(out)]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(out.read_text())
 

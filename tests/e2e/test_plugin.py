@@ -4,7 +4,9 @@ import textwrap
 
 import yaml
 
-from conftest import ROOT, launch
+from harness.launching import launch
+from harness.paths import REPO as ROOT
+
 
 
 def test_entry_point_recipe_is_listed_configured_and_trains(tmp_path, shared_data):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port
+from harness.launching import free_port
 from trainer.batching import plan_batch
 from trainer.clipping import DeviceClipper, clips_on_device
 from trainer.config import AnalysisConfig

@@ -13,9 +13,10 @@ import time
 import pytest
 import yaml
 
-from bench.bad_inputs import RUN_CASES, train_shared
-from conftest import ROOT, SMALL_AWD, check, launch, launch_command, launcher_env
-from test_bad_input import check_case
+from harness.bad_inputs import RUN_CASES, check_case, train_shared
+from harness.launching import check, launch, launch_command, launcher_env
+from harness.paths import REPO as ROOT
+from harness.shapes import SMALL_AWD
 from trainer.errors import ConfigError
 from trainer.run_lock import LOCK_FILE, RunLock
 
@@ -30,7 +31,7 @@ def shared(tmp_path_factory):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=needs_root) if "mnt" in "".join(c.expect) else c
                                   for c in RUN_CASES], ids=[c.name for c in RUN_CASES])
 def test_run_directory_case(case, tmp_path, request):
-    check_case(case, tmp_path, request)
+    check_case(case, tmp_path, request.getfixturevalue("shared") if case.needs_shared else None)
 
 
 def test_the_lock_names_its_holder_and_a_refused_job_leaves_no_trace(tmp_path):

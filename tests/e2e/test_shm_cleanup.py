@@ -4,7 +4,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import ROOT, SMALL_AWD, free_port, launch_command, launcher_env
+from harness.launching import free_port, launch_command, launcher_env
+from harness.paths import REPO as ROOT
+from harness.shapes import SMALL_AWD
+
 
 
 def test_two_rank_run_leaves_no_shared_memory_buffers(tmp_path):

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.job import StreamedJob
-from conftest import BIN, ROOT, TINY, free_port, launcher_env
+from harness.jobs import StreamedJob
+from harness.launching import free_port, launcher_env
+from harness.paths import BIN, REPO as ROOT
+from harness.shapes import TINY
 from trainer.distributed import DistContext
 from trainer.errors import ConfigError
 from trainer.faults import EXIT_LOST_RANK, watchdog

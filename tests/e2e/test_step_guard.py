@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from harness.launching import free_port
 from trainer.distributed import DistContext
 from trainer.faults.step_guard import agree_on_step
 

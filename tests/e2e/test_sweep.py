@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, check, error_lines, make_image_folder, output
+from harness.images import make_image_folder
+from harness.launching import check, error_lines, output
+from harness.paths import REPO as ROOT
+
 
 HPARAM_COLUMNS = ["drop.mode", "seed", "status"]  # the grid's axes, then the point's status
 HPARAM_METRICS = ["valid_loss", "valid_top1", "valid_top5", "best_top1", "train_loss", "steps", "wall_s"]

@@ -9,7 +9,10 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, check, cut, launch, metric_value, rows
+from harness.launching import check, launch, metric_value
+from harness.metrics import rows
+from harness.paths import REPO as ROOT
+from harness.run_dirs import cut
 
 SETS = ["train.checkpoint_every=4", "train.keep_last=10"]
 

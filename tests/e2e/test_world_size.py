@@ -17,7 +17,9 @@ import json
 
 import pytest
 
-from conftest import check, cut, launch
+from harness.launching import check, launch
+from harness.run_dirs import cut
+
 
 STEPS = 50
 RTOL = 1e-5

@@ -14,7 +14,10 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, check, free_port, launch, launcher_env, make_image_folder
+from harness.images import make_image_folder
+from harness.launching import check, checkout_env, free_port, launch, launcher_env
+from harness.paths import REPO as ROOT
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: bf16, TF32, cuDNN and host syncs exist only there")
@@ -153,9 +156,10 @@ def test_imagenet_evaluation_has_no_sync_per_batch(tmp_path):
 def test_a_one_gpu_task_runs_on_that_gpu_whatever_its_local_rank(corpus, tmp_path):
     """--gpus-per-task=1 (here: one visible device) with LOCAL_RANK=1: the rank picks device 0, and DeepSpeed's
     engine, the parameters and the current device are that one (DeepSpeed alone would set_device(LOCAL_RANK))."""
-    env = launcher_env({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    env = checkout_env(launcher_env({"CUDA_VISIBLE_DEVICES": visible,
                         "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "probes" / "device_probe.py"), str(corpus),
                            str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,16 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-
-from trainer.startup import init_distributed  # noqa: E402
-from trainer.nt_asgd.averager import NTASGD  # noqa: E402
+from trainer.nt_asgd.averager import NTASGD
+from trainer.startup import init_distributed
 
 T0, STEPS = 3, 8
 

@@ -4,12 +4,8 @@ tests/gpu/test_gpu.py asserts on it."""
 
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from trainer.commands import fit_in_process  # noqa: E402
+from trainer.commands import fit_in_process
 
 
 def main(data_root: str, run_dir: str) -> None:

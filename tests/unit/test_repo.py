@@ -2,7 +2,8 @@
 
 import re
 
-from conftest import ROOT
+from harness.paths import REPO as ROOT
+
 
 
 def readme_commands():

@@ -1,5 +1,5 @@
 """Two DeepSpeed "nodes" on one machine, launched by hand as on a cluster without ssh: ``deepspeed --hostfile H
---no_ssh --node_rank K`` on each. The nodes are test hosts (``tests/cluster/hosts.py``: network namespaces of their
+--no_ssh --node_rank K`` on each. The nodes are test hosts (``harness/hosts.py``: network namespaces of their
 own, each with its address and hostname, joined by a bridge), so the ranks talk over a real link. Needs root.
 Used by ``tests/cluster/test_two_nodes.py`` and ``bench/faults.py``; ``close()`` stops what it started on the two hosts (with
 their descendants) and nothing else. ``mode`` is measured once the launchers run: "netns" if every process started
@@ -9,17 +9,14 @@ is in its host's own network namespace and each host's name resolves to an addre
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
+from trainer.launch_env import launcher_env
 
-from tests.cluster.hosts import Hosts  # noqa: E402
-from trainer.launch_env import launcher_env  # noqa: E402
+from .hosts import Hosts
+from .paths import BIN, REPO
 
 
 class TwoNodes:
