@@ -57,7 +57,7 @@ def build(shape: dict):
     spec = get_recipe("awd_ptb")
     cfg = spec.load_config([], overrides({"data.root": DATA_ROOT}, shape))
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
-    recipe = spec.factory(cfg, ctx, None)
+    recipe = spec.factory(cfg, ctx)
     recipe.setup()
     torch.manual_seed(0)
     model = recipe.build_model().train()

@@ -7,8 +7,8 @@ so the budgeted pair always runs back to back):
 
   plain loop          the recipe's own pieces in a bare PyTorch loop, no DeepSpeed, one process: its timm model and
                       AdamW (build_model, build_optimizer), its loader with the same workers and transforms, its
-                      normalization and random erasing on the device (train_steps), its mixup / cutmix and
-                      soft-target loss (micro_loss); backward, step, zero_grad. Same device as the engine (CUDA when
+                      normalization and random erasing on the device (its stream's steps), its mixup / cutmix and
+                      soft-target loss (recipe.loss); backward, step, zero_grad. Same device as the engine (CUDA when
                       present, else CPU with the threads the engine gives one rank), fp32; on each data source.
   engine, N rank(s)   launch/train.py as users run it (DeepSpeed, per-step agreement, schedules, logging), on
                       data.format=synthetic (the same loader serving a ready uint8 tensor) or on JPEG (a generated
@@ -107,21 +107,11 @@ def plain_run(sets: list[str]) -> tuple[list[float], list[str]]:
     return json.loads(out.stdout.strip().splitlines()[-1])[1:], cmd
 
 
-class Bare:
-    """What ``micro_loss`` calls as the engine: the model itself, under ``.module`` as DeepSpeed keeps it."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-
 def plain_loop(sets: list[str]) -> list[float]:
     """Images/s per window of the recipe's training work without the engine (see the module docstring)."""
+    from trainer.batching import plan_batch
     from trainer.distributed import DistContext
     from trainer.launch_env import cpus_per_rank
-    from trainer.engine import plan_batch
     from trainer.precision import apply_precision
     from trainer.registry import get_recipe
     from trainer.rng import seed_everything
@@ -136,19 +126,19 @@ def plain_loop(sets: list[str]) -> list[float]:
         torch.set_num_threads(cpus_per_rank())  # what the engine gives one CPU rank
     apply_precision(cfg.train.precision)
     plan = plan_batch(cfg.data.batch_size, 1, cfg.train.micro_batch_size)
-    recipe = spec.factory(cfg, DistContext(0, 1, 0, device), plan)
+    recipe = spec.factory(cfg, DistContext(0, 1, 0, device))
     recipe.setup()
+    data = recipe.train_data(plan)
     seed_everything(cfg.seed)
     model = recipe.build_model().to(device).train()
     opt = recipe.build_optimizer(model)
-    engine = Bare(model)
     steps, every = cfg.train.max_steps, cfg.train.log_every
     rates, done, epoch, window = [], 0, 0, None
     while done < steps:
-        for ts in recipe.train_steps(epoch, None):
+        for ts in data.steps(epoch):
             window = window or [time.perf_counter(), 0]  # the engine's window: opens once the batch is there
             for micro in ts.micro_batches:
-                plan.weighted_loss(recipe.micro_loss(engine, micro)).backward()
+                plan.weighted_loss(recipe.loss(model, micro, None)).backward()
             done, window[1], closes = done + 1, window[1] + ts.units, (done + 1) % every == 0
             if cuda and closes:
                 torch.cuda.synchronize()  # where the engine's agreement waits
@@ -168,6 +158,7 @@ def plain_loop(sets: list[str]) -> list[float]:
 def pipeline_rate(data: Path, batch: int, batches: int, image_size: int) -> float:
     """The basic recipe's JPEG training loader alone (1 rank's workers), images/s after the first batch."""
     from recipes.imagenet.data import build_transforms, default_workers, open_split, train_loader
+    from trainer.batching import plan_batch
     from trainer.distributed import DistContext
 
     split = open_split(data, "train", build_transforms(image_size, True))

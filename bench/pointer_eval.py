@@ -44,7 +44,7 @@ from trainer.registry import get_recipe
 def build(shape: dict, eval_batch: int):
     spec = get_recipe("awd_ptb")
     cfg = spec.load_config([], overrides({"data.root": DATA_ROOT, "data.eval_batch_size": eval_batch}, shape))
-    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cpu")), None)
+    recipe = spec.factory(cfg, DistContext(0, 1, 0, torch.device("cpu")))
     recipe.setup()
     return recipe
 
