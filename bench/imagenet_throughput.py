@@ -158,7 +158,6 @@ def plain_loop(sets: list[str]) -> list[float]:
 def pipeline_rate(data: Path, batch: int, batches: int, image_size: int) -> float:
     """The basic recipe's JPEG training loader alone (1 rank's workers), images/s after the first batch."""
     from recipes.imagenet.data import build_transforms, default_workers, open_split, train_loader
-    from trainer.batching import plan_batch
     from trainer.distributed import DistContext
 
     split = open_split(data, "train", build_transforms(image_size, True))
