@@ -17,19 +17,19 @@ from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signatur
 from .builtin_callbacks import build_callbacks
 from .callbacks import Loop
 from .batching import plan_batch
-from .config import RecipeConfig, to_yaml
 from .deepspeed_engine import build_engine, choose_precision
 from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation import evaluate_split
 from .faults import PreemptionSignals, StepGate, StepVerdict, agree_on_step, preemption
 from .monitor import Monitor
-from .recipe import Recipe, TrainData
 from .rng import seed_everything
 from .rundir import RunDir
 
 if TYPE_CHECKING:
     from .callbacks import Callback
+    from .config import RecipeConfig
+    from .recipe import Recipe, TrainData
     from .registry import RecipeSpec
 
 log = logging.getLogger("trainer")
@@ -96,7 +96,7 @@ class Trainer:
             log.info("initialized weights from %s checkpoint %s", cfg.train.init_from, init_tag)
         if ctx.is_main and not resume:
             self.lock = run_dir.lock()  # creates the directory: nothing was refused so far
-            self._write_config()
+            run_dir.write_config(cfg)
             self._wrote = True
         barrier(ctx)
         self.callbacks.on_model(model)  # before DeepSpeed: the fp32 initialization
@@ -114,14 +114,11 @@ class Trainer:
             self._resume(resume_tag)
             self._wrote = True
             if ctx.is_main:  # only once the resumed state has loaded: a failed resume leaves the run as it was
-                self._write_config()
+                run_dir.write_config(cfg)
         self.preemption = PreemptionSignals()
 
     def _lr_factor(self, step: int) -> float:
         return self.recipe.lr_factor(step, self.data)
-
-    def _write_config(self) -> None:
-        self.run_dir.config.write_text(to_yaml(self.cfg))
 
     # ----------------------------------------------------------------- checkpoints
     def _check_compatible(self, saved: dict, tag: str) -> None:

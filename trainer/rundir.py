@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import to_yaml
 from .errors import ConfigError
 from .run_lock import RunLock
 
 if TYPE_CHECKING:  # torch is imported by a run's ranks, not by the argument and config checks before them
+    from pydantic import BaseModel
+
     from .distributed import DistContext
 
 
@@ -34,6 +37,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    def write_config(self, cfg: BaseModel) -> None:
+        """The run's resolved config (``config.yaml``), what a resume and launch/evaluate.py read back."""
+        self.config.write_text(to_yaml(cfg))
 
     def lock(self) -> RunLock:
         """This job's hold on the directory (created if missing), refused in one line while another job holds it."""
