@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signature, load_weights, read_client_state,
-                         read_latest_tag, resolve_tag, step_tag)
+from .batching import plan_batch
 from .builtin_callbacks import build_callbacks
 from .callbacks import Loop
-from .batching import plan_batch
+from .checkpoint import (BEST, Checkpointer, agree_on_resume_tag, check_signature, load_weights, read_client_state,
+                         read_latest_tag, resolve_tag, step_tag)
 from .deepspeed_engine import build_engine, choose_precision
 from .distributed import DistContext, all_reduce_sums, barrier
 from .errors import CheckpointError, ConfigError, UserError

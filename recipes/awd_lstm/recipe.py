@@ -26,7 +26,7 @@ from trainer.errors import CheckpointError, ConfigError
 from trainer.recipe import BatchPlan, MicroResult, Recipe, StepContext, TrainData, TrainStep
 from trainer.rng import KeyedGenerator
 
-from .config import AWDConfig
+from .config import AWDConfig, AWDDropConfig
 from .corpus import PTB, WIKITEXT2, BpttSampler, Corpus, batchify, eval_columns, get_batch
 from .model import AWDLSTM
 from .pointer import pointer_nll_sum
@@ -64,7 +64,8 @@ class HiddenCarry:
 class TextStream(TrainData):
     """This rank's block of columns of the batchified training text, walked in variable-length BPTT steps."""
 
-    def __init__(self, plan: BatchPlan, train: torch.Tensor, bptt: int, seed: int, device: torch.device):
+    def __init__(self, plan: BatchPlan, train: torch.Tensor, bptt: int, seed: int, device: torch.device,
+                 drop: AWDDropConfig, rates: dict[str, float], epochs: int):
         super().__init__(plan)
         stream = batchify(train, plan.global_batch)
         own = slice(plan.offset, plan.offset + plan.per_rank)
@@ -74,6 +75,9 @@ class TextStream(TrainData):
         self.position: int | None = None  # the row after the last step taken; None: the epoch's start
         self.carry = HiddenCarry(plan)
         self.device = device
+        steps = self.steps_per_epoch()  # early / late dropout (drop.*): each configured rate's schedule over steps
+        self.schedules = {name: drop.schedule_for(rates[name], epochs, steps)
+                          for name in drop.rates} if drop.mode != "standard" else {}
 
     def steps_per_epoch(self) -> int:
         mean_len = 0.95 * self.bptt + 0.05 * self.bptt / 2
@@ -164,11 +168,9 @@ class AWDLSTMRecipe(Recipe):
     def train_data(self, plan: BatchPlan) -> TextStream:
         d = self.cfg.data
         self._check_batch_sizes([("data.batch_size", d.batch_size, "train", 3)])
-        stream = TextStream(plan, self.corpus.train, d.bptt, self.cfg.seed, self.ctx.device)
-        drop, epochs, steps = self.cfg.drop, self.cfg.train.epochs, stream.steps_per_epoch()
-        self.drop_schedules = {name: drop.schedule_for(getattr(self.cfg.model, name), epochs, steps)
-                               for name in drop.rates} if drop.mode != "standard" else {}
-        return stream
+        m = self.cfg.model
+        return TextStream(plan, self.corpus.train, d.bptt, self.cfg.seed, self.ctx.device, self.cfg.drop,
+                          {name: getattr(m, name) for name in self.cfg.drop.rates}, self.cfg.train.epochs)
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
@@ -184,11 +186,11 @@ class AWDLSTMRecipe(Recipe):
     def begin_step(self, model: AWDLSTM, step: int, epoch: float, data: TextStream) -> StepContext:
         """Early / late dropout (``drop.*``): each scheduled rate set on the model, read back for TensorBoard; then
         the step's masks, for the global batch, at those rates."""
-        for name, schedule in self.drop_schedules.items():
+        for name, schedule in data.schedules.items():
             setattr(model, name, schedule.value(step))
         masks = model.draw_masks(data.plan.global_batch, self.mask_generator.at(step))
         return StepContext(step, epoch, draws=masks,
-                           scalars={f"drop/{name}": float(getattr(model, name)) for name in self.drop_schedules})
+                           scalars={f"drop/{name}": float(getattr(model, name)) for name in data.schedules})
 
     def loss(self, model: AWDLSTM, micro: TextMicroBatch, step: StepContext | None) -> MicroResult:
         """One micro-batch's loss with its columns of the step's masks. Outside a step (the gradient analysis'

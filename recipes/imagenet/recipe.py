@@ -1,7 +1,7 @@
 """ImageNet classification with timm models and early / late dropout and stochastic depth (Liu et al. 2023).
 
-The drop rates follow per-step schedules (``trainer/schedules``, applied by ``drop_sites``) applied to the live model before every
-optimizer step, at the reference's sites (no classifier-head dropout); the models are built with every drop-path
+The drop rates follow per-step schedules (``trainer/schedules``, over the training stream's epochs) set on the live
+model before every optimizer step (``drop_sites`` finds where), at the reference's sites (no classifier-head dropout); the models are built with every drop-path
 slot present so that blocks created at rate 0 still take later rates. Training uses timm's transforms, mixup /
 cutmix and losses; loader workers send uint8 images, normalized (then, for training, randomly erased and mixed)
 on the device. Evaluation sums loss and top-1 / top-5 hits over each rank's disjoint share of the validation
@@ -25,7 +25,7 @@ from trainer.errors import ConfigError, DataError
 from trainer.recipe import BatchPlan, MicroResult, Recipe, StepContext, TrainData, TrainStep
 
 from .compile import compile_model
-from .config import ImageDataConfig, ImageNetConfig
+from .config import DropConfig, ImageDataConfig, ImageNetConfig
 from .drop_sites import DropSites, prepare_drop_path
 from .data.loading import eval_loader, train_loader
 from .data.splits import open_split
@@ -46,11 +46,14 @@ class ImageStream(TrainData):
     normalized and randomly erased on the device (mixup follows in the loss)."""
 
     def __init__(self, plan: BatchPlan, loader, normalize: DeviceNormalize, erasing, channels_last: bool,
-                 device: torch.device, sharded: bool):
+                 device: torch.device, sharded: bool, drop: DropConfig, epochs: int):
         super().__init__(plan)
         self.loader, self.normalize, self.erasing, self.sharded = loader, normalize, erasing, sharded
         self.channels_last, self.device = channels_last and device.type == "cuda", device
         self.position: int | None = None  # steps of the epoch taken; None: its start
+        steps = self.steps_per_epoch()  # the schedules count optimizer steps over this stream's epochs
+        self.dropout_schedule = drop.dropout_schedule_for(epochs, steps)
+        self.drop_path_schedule = drop.drop_path_schedule_for(epochs, steps)
 
     def steps_per_epoch(self) -> int:
         return self.loader.steps_per_epoch
@@ -130,26 +133,19 @@ class ImageNetRecipe(Recipe):
         eval_global = d.eval_batch_size or max(1, int(1.5 * d.batch_size))
         self.val_loader = eval_loader(self.val_set, self.ctx, max(1, eval_global // self.ctx.world),
                                       workers=workers)
-
-    def train_data(self, plan: BatchPlan) -> ImageStream:
-        """The training stream, and what training adds around it: the per-step schedules (over its epoch length),
-        mixup / cutmix and the loss."""
-        d = self.cfg.data
-        loader = train_loader(self._open("train"), self.ctx, plan.per_rank, workers=None if d.workers < 0 else
-                              d.workers, seed=self.cfg.seed)
-        stream = ImageStream(plan, loader, self.normalize, build_erasing(d.reprob, self.ctx.device),
-                             self.cfg.model.channels_last, self.ctx.device, sharded=d.format == "wds")
-        steps, epochs = stream.steps_per_epoch(), self.cfg.train.epochs
-        self.dropout_schedule = self.cfg.drop.dropout_schedule_for(epochs, steps)
-        self.drop_path_schedule = self.cfg.drop.drop_path_schedule_for(epochs, steps)
         self.mixup = build_mixup(self.cfg.data, self.num_classes)
+        self.criterion = self._build_criterion()
         self._sites: DropSites | None = None  # the live model's dropout and drop-path modules, found once
         self._applied: tuple[float, float] | None = None  # the scheduled rates last set on the model
         self._carried: dict[str, float] = {}  # and what the model reported carrying then
-        self.criterion = self._build_criterion()
-        log.info("dropout: %s; stochastic depth: %s", self.dropout_schedule.describe(),
-                 self.drop_path_schedule.describe())
-        return stream
+
+    def train_data(self, plan: BatchPlan) -> ImageStream:
+        d = self.cfg.data
+        loader = train_loader(self._open("train"), self.ctx, plan.per_rank, workers=None if d.workers < 0 else
+                              d.workers, seed=self.cfg.seed)
+        return ImageStream(plan, loader, self.normalize, build_erasing(d.reprob, self.ctx.device),
+                           self.cfg.model.channels_last, self.ctx.device, sharded=d.format == "wds", drop=self.cfg.drop,
+                           epochs=self.cfg.train.epochs)
 
     def _open(self, split: str):
         d = self.cfg.data
@@ -196,8 +192,10 @@ class ImageNetRecipe(Recipe):
 
     def for_training(self, model: nn.Module, data: ImageStream) -> nn.Module:
         """``train.compile``: compiled around the modules the schedules change (launch/evaluate.py runs eagerly)."""
+        log.info("dropout: %s; stochastic depth: %s", data.dropout_schedule.describe(),
+                 data.drop_path_schedule.describe())
         if self.cfg.train.compile:
-            eager = compile_model(model, self.dropout_schedule, self.drop_path_schedule)
+            eager = compile_model(model, data.dropout_schedule, data.drop_path_schedule)
             log.info("torch.compile: the model, around %d modules left eager for the per-step schedules", len(eager))
         return model
 
@@ -250,7 +248,7 @@ class ImageNetRecipe(Recipe):
         (every dropout's p, which must agree, and the last block's drop-path rate), so TensorBoard shows what
         the model used, not what was meant.
         """
-        wanted = (self.dropout_schedule.value(step), self.drop_path_schedule.value(step))
+        wanted = (data.dropout_schedule.value(step), data.drop_path_schedule.value(step))
         if wanted != self._applied:
             if self._sites is None:
                 self._sites = DropSites.of(model)

@@ -33,7 +33,7 @@ def test_each_step_sets_what_the_full_walk_sets(recipe):
     logged = {}
     for step, ts in zip(range(steps), (ts for e in range(4) for ts in recipe.stream.steps(e))):
         logged[step] = recipe.begin_step(model, step, 0.0, recipe.stream).scalars
-        dropout, drop_path = recipe.dropout_schedule.value(step), recipe.drop_path_schedule.value(step)
+        dropout, drop_path = recipe.stream.dropout_schedule.value(step), recipe.stream.drop_path_schedule.value(step)
         set_dropout(walked, dropout)
         set_drop_path(walked, drop_path)
         assert current_rates(model) == current_rates(walked), step
