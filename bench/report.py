@@ -5,7 +5,7 @@ BENCHMARKS.md holds nothing but benchmark output: each section is the command, t
 and its standard output, between markers this script owns. Re-running one benchmark replaces its section only, so
 the file never mixes a figure with a hand-written note. Progress goes to standard error and is not recorded.
 
-    python bench/report.py faults asgd_cost      # run these two and replace their sections
+    python bench/report.py faults decision_costs  # run these two and replace their sections
     python bench/report.py --list                # the sections and their commands
 """
 
@@ -24,19 +24,15 @@ REPORT = REPO / "BENCHMARKS.md"
 # (name, heading, command run from the repository root); the order is the file's
 SECTIONS = [
     ("awd_throughput", "AWD-LSTM training throughput (issue 2)", "python bench/awd_throughput.py"),
-    ("weight_drop_cost", "AWD-LSTM: cost of weight drop (issue 2)", "python bench/weight_drop_cost.py"),
     ("awd_one_epoch", "AWD-LSTM: one epoch, seeds 1-3 on 1 rank and seed 1 on 2 ranks (issues 12, 21)",
      "python bench/awd_one_epoch.py"),
     ("awd_learning_curve", "AWD-LSTM: five epochs on 2 ranks, a healthy learning curve (issue 21)",
      "python bench/awd_learning_curve.py"),
-    ("shared_draws_cost", "AWD-LSTM: masks drawn for the global batch (issue 12)",
-     "python bench/shared_draws_cost.py"),
-    ("asgd_cost", "NT-ASGD: cost of the running average (issue 3)", "python bench/asgd_cost.py --launch"),
     ("pointer_eval", "Cache-pointer evaluation (issue 3)", "python bench/pointer_eval.py"),
     ("imagenet_throughput", "ImageNet: engine against a plain loop (issue 4)",
      "python bench/imagenet_throughput.py"),
-    ("augment_seeding_cost", "ImageNet: per-sample augmentation seeding (issue 6)",
-     "python bench/augment_seeding_cost.py"),
+    ("decision_costs", "Design decisions: what each costs, side by side (issues 2, 3, 6, 12)",
+     "python bench/decision_costs.py"),
     ("faults", "Faults (issue 6)", "python bench/faults.py"),
     ("bad_inputs", "Bad input (issue 6)", "python bench/bad_inputs.py"),
     ("cluster", "Clusters: two hosts over ssh, a Slurm cluster (issue 11)",
