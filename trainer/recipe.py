@@ -8,7 +8,6 @@ recipe-specific lives in the engine.
 from __future__ import annotations
 
 import math
-
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -27,7 +26,7 @@ class TrainStep:
 
     micro_batches: list[Any]  # the recipe's typed micro-batches, in order
     units: int  # tokens or samples this rank processes in the step (for throughput)
-    position: Any  # JSON-able data position right after this step, for exact resume
+    position: Any  # the stream's position right after this step (the stream saves its own; for readers and tests)
     lr_scale: float = 1.0  # multiplies the scheduled learning rate for this step only
 
 

@@ -12,7 +12,6 @@ __all__ = [
     "BEST", "FP32_WEIGHTS", "LATEST", "MANIFEST", "MODEL_STATES", "PARTIAL", "REPLACED", "STEP_TAG",
     "Checkpointer",
     "agree_on_resume_tag", "callback_file", "check_signature", "choose_resume_tag", "load_weights", "param_digest",
-    "rank_file",
-    "read_callback_states", "read_client_state", "read_latest_tag", "recover_interrupted", "resolve_tag", "step_tag",
-    "step_tags", "verify", "write_manifest",
+    "rank_file", "read_callback_states", "read_client_state", "read_latest_tag", "recover_interrupted", "resolve_tag",
+    "step_tag", "step_tags", "verify", "write_manifest",
 ]

@@ -59,9 +59,9 @@ class Checkpointer:
     the training stream's and the recipe's signature. Exact resume also needs each rank's RNG streams and stream
     state (e.g. a carried LSTM hidden state); those go to ``<tag>/rank_NNNNN.pt`` next to DeepSpeed's files. Each
     loop callback's state is saved whole (``callback_<name>.pt``, e.g. NT-ASGD's average), so it loads on any
-    world size. Under bf16 DeepSpeed's module file
-    holds the bf16 copies and the fp32 masters are cut into its optimizer files; ``fp32_weights.pt`` keeps them
-    whole, by name, for what reads a checkpoint's weights without an engine (``train.init_from``, evaluate.py).
+    world size. Under bf16 DeepSpeed's module file holds the bf16 copies and the fp32 masters are cut into its
+    optimizer files; ``fp32_weights.pt`` keeps them whole, by name, for what reads a checkpoint's weights without an
+    engine (``train.init_from``, evaluate.py).
     """
 
     def __init__(self, engine, ckpt_dir: Path, ctx: DistContext, keep_last: int):
@@ -100,7 +100,8 @@ class Checkpointer:
         """Continue from ``tag``, on the world size it was written by or on another (elastic resume): the global
         batch is the same, so the data position means the same samples; ZeRO's partitioned optimizer state is
         re-cut for this world and the training stream re-splits its per-rank state. Loads the engine, the stream,
-        the callbacks and this rank's RNG streams; returns the loop's saved state (``trainer_state`` of :meth:`save`)."""
+        the callbacks and this rank's RNG streams; returns the loop's saved state (:meth:`save`'s
+        ``trainer_state``)."""
         tag_dir = self.dir / tag
         written_by = saved_world(tag_dir, self.ctx.world)
         elastic = written_by != self.ctx.world
