@@ -59,7 +59,8 @@ def mix_seeds(*parts: int) -> int:
     A chain of SplitMix64's output function (a bijection of 64-bit ints whose every output bit depends on every
     input bit), each part XORed into the state before a round, in plain integer arithmetic, not
     ``np.random.SeedSequence``: every training image's augmentation is seeded with it inside a loader worker, where
-    SeedSequence, run cold between two images, was most of what seeding cost (bench/decision_costs.py --case augment_seeding).
+    SeedSequence, run cold between two images, was most of what seeding cost (bench/decision_costs.py --case
+    augment_seeding).
     """
     h = 0x6A09E667F3BCC909 ^ len(parts)
     for p in parts:

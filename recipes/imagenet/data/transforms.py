@@ -134,8 +134,8 @@ def augment(transform: Callable, image: Image.Image, seed: int | None) -> torch.
     name, key and pass over the shards), so a sample's crop, flip and RandAugment do not depend on which
     worker transforms it, how many workers there are, or whether the epoch was resumed. What seeding costs in a
     loader worker, and without workers what putting the training process's own streams back adds, is measured
-    by bench/decision_costs.py --case augment_seeding (BENCHMARKS.md). Evaluation samples are not seeded (their transform draws
-    nothing).
+    by bench/decision_costs.py --case augment_seeding (BENCHMARKS.md). Evaluation samples are not seeded (their
+    transform draws nothing).
 
     A loader worker's streams serve only its transforms; in the training process itself (no workers) they are
     also dropout's and mixup's, so they are put back afterwards.
