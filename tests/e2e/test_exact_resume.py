@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.faults import Job
 from harness.images import make_image_folder
@@ -16,7 +17,8 @@ from harness.launching import check, free_port, launch
 from harness.metrics import rows, scalars, wait_for_step
 from harness.paths import SHARED_DATA
 from harness.shapes import SMALL_AWD
-from trainer.checkpoint import read_client_state, read_latest_tag, step_tag
+from trainer.checkpoint import MODEL_STATES, callback_file, read_client_state, read_latest_tag, step_tag
+from trainer.checkpoint.writing import own_entries, write_manifest
 
 def cut_after(run_dir: Path, step: int) -> int:
     """How many rows the run had logged when it saved ``step``'s checkpoint: up to that step's training row
@@ -36,9 +38,11 @@ def interrupt(full: Path, dest: Path, step: int) -> Path:
     return dest
 
 
-def resume_and_compare(full: Path, tmp_path: Path, step: int, steps: int) -> list[dict]:
+def resume_and_compare(full: Path, tmp_path: Path, step: int, steps: int, before_resume=None) -> list[dict]:
     """Resume an interrupted copy to the end; returns the rows logged after ``step``, equal to the full run's."""
     run = interrupt(full, tmp_path / f"from_{step}", step)
+    if before_resume is not None:
+        before_resume(run, step)
     out = check(launch("train.py", ["--run-dir", str(run), "--resume"], ranks=2))
     assert f"resumed from {step_tag(step)} at step {step}" in out
     cut = cut_after(full, step)
@@ -88,6 +92,29 @@ def test_awd_resumes_exactly_at_an_epoch_end(awd_run, tmp_path):
     last = next(s for s in range(1, AWD_STEPS) if position(awd_run, s + 1) == (1, 1))  # the last step of epoch 0
     assert last % 4 and last > 5  # no validation at that step; averaging on
     resume_and_compare(awd_run, tmp_path, last, AWD_STEPS)
+
+
+def to_earlier_layout(run: Path, step: int) -> None:
+    """``step``'s checkpoint as the engine wrote it before loop callbacks and training streams saved their own
+    state: NT-ASGD's average in averaged.pt, the data position in the loop's state; the manifest signed again."""
+    tag_dir = run / "checkpoints" / step_tag(step)
+    average = torch.load(tag_dir / callback_file("nt_asgd"), weights_only=False)
+    del average["eval_weights"]
+    torch.save(average, tag_dir / "averaged.pt")
+    (tag_dir / callback_file("nt_asgd")).unlink()
+    states = torch.load(tag_dir / MODEL_STATES, weights_only=False)
+    states["trainer"]["position"] = states["recipe"].pop("position")
+    torch.save(states, tag_dir / MODEL_STATES)
+    write_manifest(tag_dir, [own_entries(tag_dir, rank) for rank in (0, 1)])
+
+
+def test_awd_checkpoint_of_the_earlier_layout_resumes_exactly(awd_run, tmp_path):
+    """A run started before this layout (a sweep upgraded mid-way) resumes mid-epoch while averaging, bit for bit:
+    its average and its data position are read where they were then."""
+    step = 7
+    assert position(awd_run, step) == (0, step)
+    assert {r["step"]: r for r in rows(awd_run) if r["split"] == "train"}[step]["asgd_averaging"] == 1.0
+    resume_and_compare(awd_run, tmp_path, step, AWD_STEPS, before_resume=to_earlier_layout)
 
 
 def test_awd_stopped_by_sigterm_resumes_exactly(awd_run, awd_args, tmp_path):

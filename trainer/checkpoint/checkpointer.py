@@ -112,7 +112,10 @@ class Checkpointer:
         else:
             client, own = self.load(tag)
         trainer_state = client["trainer"]
-        data.load_state_dict(client.get("recipe", {}))
+        stream = client.get("recipe", {})
+        if "position" in trainer_state and "position" not in stream:  # written before streams kept their position
+            stream = {**stream, "position": trainer_state["position"]}
+        data.load_state_dict(stream)
         callbacks.load_states(read_callback_states(self.dir, tag))
         if elastic:
             data.load_rank_states([load_rank_state(tag_dir, r)["recipe"] for r in range(written_by)])

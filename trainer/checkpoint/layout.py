@@ -26,6 +26,8 @@ def callback_file(name: str) -> str:
 
 
 CALLBACK_FILE = re.compile(r"^callback_(.+)\.pt$")
+# checkpoints written before loop callbacks saved their own state kept NT-ASGD's as averaged.pt
+LEGACY_CALLBACK_FILES = {"averaged.pt": "nt_asgd"}
 
 
 def rank_file(tag_dir: Path, rank: int) -> Path:

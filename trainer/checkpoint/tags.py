@@ -11,7 +11,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..flat_params import copy_flat_into
-from .layout import CALLBACK_FILE, FP32_WEIGHTS, LATEST, MODEL_STATES, read_latest_tag, step_tags
+from .layout import (CALLBACK_FILE, FP32_WEIGHTS, LATEST, LEGACY_CALLBACK_FILES, MODEL_STATES, read_latest_tag,
+                     step_tags)
 from .writing import verify
 
 log = logging.getLogger("trainer")
@@ -77,10 +78,15 @@ def load_weights(module: torch.nn.Module, ckpt_dir: Path, tag: str) -> None:
 
 
 def read_callback_states(ckpt_dir: Path, tag: str) -> dict[str, dict]:
-    """Every loop callback's saved state in ``tag``, by the callback's name."""
+    """Every loop callback's saved state in ``tag``, by the callback's name (an older checkpoint's files too)."""
     tag_dir = ckpt_dir / tag
-    names = sorted(p.name for p in tag_dir.iterdir() if CALLBACK_FILE.match(p.name)) if tag_dir.is_dir() else []
-    return {CALLBACK_FILE.match(n)[1]: _load_file(tag_dir / n) for n in names}
+    found = {}
+    for path in sorted(tag_dir.iterdir()) if tag_dir.is_dir() else []:
+        m = CALLBACK_FILE.match(path.name)
+        name = m[1] if m else LEGACY_CALLBACK_FILES.get(path.name)
+        if name is not None:
+            found[name] = _load_file(path)
+    return found
 
 
 def check_signature(mine: dict, saved: dict, tag: str) -> None:
