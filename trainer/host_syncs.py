@@ -3,7 +3,7 @@
 A training step is meant to read one value back (the step guard's agreement); every other read-back or blocking
 copy stalls the host while the device drains its queue. ``torch.cuda.set_sync_debug_mode("warn")`` warns at each
 one, and the warning carries the Python line that caused it, so a new one is named, not only counted
-(tests/test_gpu.py, bench/gpu_syncs.py).
+(tests/gpu/test_gpu.py; bench/gpu_check.py syncs).
 """
 
 from __future__ import annotations
