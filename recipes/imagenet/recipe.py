@@ -120,7 +120,6 @@ class ImageNetRecipe(Recipe):
     # ------------------------------------------------------------------ data
     def setup(self) -> None:
         d = self.cfg.data
-        workers = None if d.workers < 0 else d.workers
         self.normalize = DeviceNormalize(self.ctx.device)
         self.val_set = self._open("val")
         found = len(getattr(self.val_set, "classes", None) or ())  # shards name no classes: None
@@ -132,7 +131,7 @@ class ImageNetRecipe(Recipe):
                               f"model.num_classes={found}, or 0 to take the data's count")
         eval_global = d.eval_batch_size or max(1, int(1.5 * d.batch_size))
         self.val_loader = eval_loader(self.val_set, self.ctx, max(1, eval_global // self.ctx.world),
-                                      workers=workers)
+                                      workers=self._workers())
         self.mixup = build_mixup(self.cfg.data, self.num_classes)
         self.criterion = self._build_criterion()
         self._sites: DropSites | None = None  # the live model's dropout and drop-path modules, found once
@@ -141,11 +140,14 @@ class ImageNetRecipe(Recipe):
 
     def train_data(self, plan: BatchPlan) -> ImageStream:
         d = self.cfg.data
-        loader = train_loader(self._open("train"), self.ctx, plan.per_rank, workers=None if d.workers < 0 else
-                              d.workers, seed=self.cfg.seed)
+        loader = train_loader(self._open("train"), self.ctx, plan.per_rank, workers=self._workers(), seed=self.cfg.seed)
         return ImageStream(plan, loader, self.normalize, build_erasing(d.reprob, self.ctx.device),
                            self.cfg.model.channels_last, self.ctx.device, sharded=d.format == "wds", drop=self.cfg.drop,
                            epochs=self.cfg.train.epochs)
+
+    def _workers(self) -> int | None:
+        """``data.workers``; None (-1): the loaders choose from the CPUs this rank may use."""
+        return None if self.cfg.data.workers < 0 else self.cfg.data.workers
 
     def _open(self, split: str):
         d = self.cfg.data
