@@ -15,10 +15,9 @@ may change (RNG streams, train/eval flags, buffers such as BatchNorm statistics)
 
 It attaches to the loop as a callback (:class:`GradientAnalysisCallback`): the initial copy is taken when the
 model is built, before ``deepspeed.initialize`` (the fp32 initialization); a fixed analysis set is captured once
-from a training stream of its own (``recipe.train_data``: the training stream's order, position and hidden state
-are never touched), and ``run`` is called on every rank at the same steps (it all-reduces), after the step's
-validation and checkpoint, its forwards starting from a copy of what the training stream carries then (an LSTM's
-hidden state).
+from the first steps of the training stream's first epoch, and ``run`` is called on every rank at the same steps (it
+all-reduces), after the step's validation and checkpoint. The stream's state (order, position, and what its forwards
+carry: an LSTM's hidden state) is put back after both, so training never sees them.
 """
 
 from __future__ import annotations
@@ -272,17 +271,14 @@ class GradientAnalysisCallback(Callback):
         self.analysis = GradientAnalysis(self.cfg, model, self.ctx, seed=self.seed)
 
     def on_start(self, loop: Loop) -> None:
-        self.monitor = loop.monitor
-        self.training = loop.data
-        self.stream = loop.recipe.train_data(loop.data.plan)  # its own: training's stream is never touched
-        self.batches = capture_batches(self.stream, self.cfg.needed_batches)
+        self.monitor, self.data = loop.monitor, loop.data
+        self.batches = capture_batches(loop.data, self.cfg.needed_batches)
         self.grad_fn = make_grad_fn(loop.recipe, loop.module, loop.data.plan, loop.ctx.device)
 
     def on_step_end(self, step: int) -> None:
         if not self.analysis.due(step):
             return
-        with preserved_stream_state(self.stream):  # from what training carries now (a copy), put back after
-            self.stream.load_rank_state_dict(self.training.rank_state_dict())
+        with preserved_stream_state(self.data):  # its forwards carry the stream's state on: put back after
             scalars = self.analysis.run(step, self.grad_fn, self.batches)
         self.monitor.scalars(step, scalars)
         self.monitor.console(f"step {step} analysis", scalars)
