@@ -3,6 +3,7 @@ with pip as users install theirs: it is listed and configured from its packaged 
 from a mid-epoch checkpoint exactly where the stream was, and evaluates its best checkpoint, with no engine change."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -19,10 +20,13 @@ SETS = ["train.checkpoint_every=4", "train.keep_last=10"]
 
 @pytest.fixture(scope="module")
 def toy_env(tmp_path_factory):
-    """The toy package installed (pip, its pyproject's entry point and package data) into a folder of its own."""
-    site = tmp_path_factory.mktemp("site")
+    """The toy package installed (pip, its pyproject's entry point and package data) into a folder of its own, built
+    from a clean copy: pip builds in the source folder, whose leftovers would stand in for what packaging forgot."""
+    site, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "toy_recipe"
+    shutil.copytree(ROOT / "tests" / "toy_recipe", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(site), str(ROOT / "tests" / "toy_recipe")],
+                           "--no-index", "--target", str(site), str(source)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (site / "toy_recipe" / "toy_regression.yaml").is_file()  # the YAML travelled as package data
