@@ -106,9 +106,6 @@ class Callbacks(Callback):
         if len(names) != len(set(names)):
             raise ValueError(f"callbacks' state names repeat: {names}")
 
-    def __iter__(self):
-        return iter(self.items)
-
     def on_model(self, model):
         for c in self.items:
             c.on_model(model)
